@@ -1,0 +1,251 @@
+"""Sending batches: enqueueing them on RQ and running one in a worker.
+
+A batch is claimed before anything is sent: the claim is a conditional update from
+``enqueued`` to ``dispatched``, and then each recipient moves from ``pending`` to
+``queued`` the same way, so running one RQ job twice, or two workers racing for it,
+never sends a recipient twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from email.utils import make_msgid, parseaddr
+
+import sqlalchemy as sa
+from flask import current_app
+from redis.exceptions import RedisError
+from rq import Queue
+
+from . import tracking
+from .connectors import BatchInfo, HandOff, OutgoingMessage, get_connector
+from .errors import CloudmailError, DispatchError
+from .extension import get_state
+from .models import Batch, Job, Recipient, utcnow
+from .rendering import MessageTemplate, build_message, recipient_context
+from .settings import all_settings
+from .states import JOB_ACTIVE
+
+logger = logging.getLogger(__name__)
+
+_RENDER_CHUNK = 500
+
+#: The RQ task, by import path so a worker needs no reference to this module's objects.
+TASK = "cloudmail.tasks.send_batch"
+
+
+def enqueue_batches(
+    job_id: int, *, progress: Callable[[int], None] | None = None
+) -> int:
+    """Hand every pending batch of a job to RQ, or send them here without Redis.
+
+    Returns how many batches were handed over. When Redis refuses them, they go back to
+    pending (nothing is lost) and :class:`DispatchError` says how to try again.
+    """
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    session = get_state().db.session
+    ids = tracking.move_batches(session, "pending", "enqueued", Batch.job_id == job_id)
+    session.commit()
+    if not ids:
+        return 0
+
+    queue = get_state().queue(app)
+    if queue is None:
+        for batch_id in sorted(ids):
+            run_batch(batch_id)
+            if progress:
+                progress(batch_id)
+        return len(ids)
+
+    _enqueue_on(queue, job_id, sorted(ids))
+    return len(ids)
+
+
+def _enqueue_on(queue: Queue, job_id: int, ids: Sequence[int]) -> None:
+    session = get_state().db.session
+    rq_ids = {batch_id: f"cloudmail-batch-{batch_id}-{uuid.uuid4().hex[:8]}" for batch_id in ids}
+    try:
+        with queue.connection.pipeline() as pipe:
+            queue.enqueue_many(
+                [
+                    Queue.prepare_data(
+                        TASK,
+                        args=(batch_id,),
+                        job_id=rq_ids[batch_id],
+                        description=f"cloudmail batch {batch_id} of job {job_id}",
+                    )
+                    for batch_id in ids
+                ],
+                pipeline=pipe,
+            )
+            # enqueue_many only queues commands on the pipeline; nothing exists in
+            # Redis until it runs.
+            pipe.execute()
+    except RedisError as err:
+        tracking.move_batches(session, "enqueued", "pending", Batch.id.in_(ids),
+                              values={"last_error": f"Redis refused the batch: {err}"})  # fmt: skip
+        session.commit()
+        logger.error("Job %s: Redis refused %d batches; they stay pending", job_id, len(ids))
+        raise DispatchError(
+            f"Redis refused the batches of job {job_id} ({err}). They stay pending; "
+            f"once Redis is back, run 'flask cloudmail resume {job_id}'.",
+            job_id=job_id,
+        ) from err
+
+    session.execute(
+        sa.update(Batch).execution_options(synchronize_session=False),
+        [{"id": batch_id, "rq_job_id": rq_id} for batch_id, rq_id in rq_ids.items()],
+    )
+    session.commit()
+    logger.info("Job %s: %d batches enqueued on RQ queue %r", job_id, len(ids), queue.name)
+
+
+def run_batch(batch_id: int) -> str:
+    """Claim a batch, render its recipients' mail and hand it to the job's connector.
+
+    Returns ``"skipped"`` when the batch was not there to claim (already taken, or its
+    job paused or cancelled), else the batch's status afterwards.
+    """
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    session = get_state().db.session
+
+    # 1. Claim the batch, only while its job is running.
+    active = sa.select(Job.id).where(Job.status.in_(JOB_ACTIVE)).scalar_subquery()
+    claimed = tracking.move_batches(
+        session, "enqueued", "dispatched", Batch.id == batch_id, Batch.job_id.in_(active),
+        values={"attempts": Batch.attempts + 1, "dispatched_at": utcnow(), "last_error": None},
+    )  # fmt: skip
+    if not claimed:
+        session.rollback()
+        logger.info("Batch %s: not claimable (taken, or its job is not running)", batch_id)
+        return "skipped"
+
+    batch = session.execute(sa.select(Batch).where(Batch.id == batch_id)).scalar_one()
+    job = session.execute(sa.select(Job).where(Job.id == batch.job_id)).scalar_one()
+    tracking.move_job(session, job.id, "sending", only_from=("queued",), strict=False,
+                      values={"started_at": utcnow()})  # fmt: skip
+
+    # 2. Claim its recipients: only those still pending are sent.
+    ids = tracking.move_recipients(
+        session, job.id, "pending", "queued", Recipient.batch_no == batch.number,
+        values={"attempts": Recipient.attempts + 1}, returning=True,
+    )  # fmt: skip
+    session.commit()
+    logger.info("Batch %s of job %s: claimed %d recipients", batch_id, job.id, len(ids))
+
+    # 3. Render and hand over.
+    settings = all_settings()
+    info = BatchInfo(
+        job_id=job.id,
+        batch_id=batch.id,
+        number=batch.number,
+        attempt=batch.attempts,
+        callback_url=_callback_url(app),
+    )
+    broken: dict[int, str] = {}
+    handoff = _hand_over(app, job, info, sorted(ids), settings, broken)  # type: ignore[arg-type]
+
+    # 4. Record what happened and settle.
+    return _record(batch, job, handoff, broken)
+
+
+def _hand_over(
+    app: object,
+    job: Job,
+    info: BatchInfo,
+    ids: list[int],
+    settings: dict,
+    broken: dict[int, str],
+) -> HandOff:
+    connector = get_connector(job.provider, app, settings)  # type: ignore[arg-type]
+    messages = _messages(job, info, ids, settings, broken)
+    try:
+        return connector.dispatch(info, messages)
+    except DispatchError as err:
+        logger.error("Batch %s of job %s: %s", info.batch_id, job.id, err, exc_info=True)
+        return HandOff(refused={rid: str(err) for rid in ids if rid not in broken})
+
+
+def _record(batch: Batch, job: Job, handoff: HandOff, broken: dict[int, str]) -> str:
+    session = get_state().db.session
+    for rid, error in broken.items():
+        tracking.move_recipient_ids(session, job.id, [rid], "queued", "failed",
+                                    values={"reason": "render_error", "error": error[:2000]})  # fmt: skip
+    refused = sorted(handoff.refused)
+    if refused:
+        tracking.move_recipient_ids(session, job.id, refused, "queued", "pending")
+        first_error = handoff.refused[refused[0]]
+        tracking.move_batches(session, "dispatched", "failed", Batch.id == batch.id,
+                              values={"last_error": first_error[:2000],
+                                      "provider_ref": handoff.provider_ref})  # fmt: skip
+        logger.warning(
+            "Batch %s of job %s: %d recipients not handed over; batch failed",
+            batch.id, job.id, len(refused),
+        )
+    elif handoff.provider_ref:
+        session.execute(sa.update(Batch).where(Batch.id == batch.id)
+                        .values(provider_ref=handoff.provider_ref))  # fmt: skip
+
+    tracking.settle_batch(session, batch.id)
+    finished = tracking.settle_job(session, job.id)
+    session.commit()
+    if finished:
+        from . import signals
+
+        signals.job_finished.send(current_app._get_current_object(),  # type: ignore[attr-defined]
+                                  job_id=job.id, status=finished)  # fmt: skip
+    return session.execute(sa.select(Batch.status).where(Batch.id == batch.id)).scalar_one()
+
+
+def _messages(
+    job: Job,
+    info: BatchInfo,
+    ids: list[int],
+    settings: dict,
+    broken: dict[int, str],
+) -> Iterator[OutgoingMessage]:
+    """Render the claimed recipients' mail, a chunk of rows at a time."""
+    session = get_state().db.session
+    template = MessageTemplate(job.subject_template, job.html_template, job.text_template)
+    domain = parseaddr(job.sender)[1].rpartition("@")[2] or "cloudmail.invalid"
+    rate = float(settings.get("send_rate") or 0)
+    columns = (Recipient.id, Recipient.email, Recipient.email_display, Recipient.name,
+               Recipient.variables, Recipient.attempts)  # fmt: skip
+    for start in range(0, len(ids), _RENDER_CHUNK):
+        chunk = ids[start : start + _RENDER_CHUNK]
+        rows = session.execute(
+            sa.select(*columns).where(Recipient.id.in_(chunk)).order_by(Recipient.id)
+        ).all()
+        for row in rows:
+            try:
+                context = recipient_context(email=row.email, display=row.email_display,
+                                            name=row.name, variables=row.variables)  # fmt: skip
+                msg = build_message(
+                    sender=job.sender,
+                    to_email=row.email,
+                    to_name=row.name,
+                    rendered=template.render(context),
+                    reply_to=job.reply_to,
+                    message_id=make_msgid(idstring=f"cm{job.id}.{row.id}", domain=domain),
+                )
+            except CloudmailError as err:
+                broken[row.id] = str(err)
+                continue
+            yield OutgoingMessage(
+                recipient_id=row.id,
+                key=f"cm-{job.id}-{row.id}-{row.attempts}",
+                to=(row.email,),
+                sender=job.sender,
+                message_id=msg["Message-ID"],
+                raw=msg.as_bytes(),
+            )
+            if rate:
+                # Known limitation: the send rate is paced per worker process, so N
+                # workers send at up to N times the rate.
+                time.sleep(1.0 / rate)
+
+
+def _callback_url(app: object) -> str | None:
+    return app.config.get("CLOUDMAIL_CALLBACK_URL")  # type: ignore[attr-defined]

@@ -1,0 +1,303 @@
+"""Streaming a recipient list into the database.
+
+A list comes from a CSV file or stream, or from any iterable of dicts. Rows are read,
+checked and written one at a time (COPY on PostgreSQL, large ``executemany`` chunks
+elsewhere), so memory stays flat however long the list is. Every row ends up in the
+recipients table: valid rows as ``pending``, the others as ``rejected`` with a reason,
+so nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import json
+import logging
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from .addresses import AddressChecker
+from .errors import RecipientImportError
+from .models import Recipient
+
+logger = logging.getLogger(__name__)
+
+BAD_ROW = "bad_row"
+CHUNK = 10_000
+
+_EMAIL_HEADERS = {
+    "email", "emailaddress", "mail", "mailaddress", "emailadresse", "mailadresse",
+    "courriel", "correo", "correoelectronico", "eposta", "useremail", "primaryemail",
+}  # fmt: skip
+_NAME_HEADERS = {"name", "fullname", "displayname", "contactname", "recipientname"}
+_FIRST_HEADERS = {"firstname", "first", "givenname", "forename", "vorname", "prenom"}
+_LAST_HEADERS = {"lastname", "last", "surname", "familyname", "nachname", "nom"}
+_DELIMITERS = (",", ";", "\t", "|")
+_SPACES = re.compile(r"\s+")
+
+_COLUMNS = (
+    "job_id", "batch_no", "line", "email", "email_display", "email_key", "name",
+    "variables", "status", "reason", "error",
+)  # fmt: skip
+
+
+@dataclass
+class ImportStats:
+    """What an import read: rows, valid rows, rejections by reason, blank lines."""
+
+    rows: int = 0
+    valid: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    blank_lines: int = 0
+
+
+@dataclass(frozen=True)
+class ColumnMap:
+    """Which columns hold the address and the name; the rest become variables."""
+
+    email: str
+    name: str | None = None
+    first_name: str | None = None
+    last_name: str | None = None
+
+    @classmethod
+    def detect(
+        cls,
+        headers: Sequence[str],
+        email: str | None = None,
+        name: str | None = None,
+    ) -> ColumnMap:
+        """Find the columns from common header names, or check the ones given."""
+        by_key = {_header_key(h): h for h in reversed(headers)}
+        email_col = _pick(headers, email, by_key, _EMAIL_HEADERS, "address")
+        if email_col is None:
+            raise RecipientImportError(
+                f"No address column found among the headers {list(headers)!r}; name it "
+                "with --email-column (or email_column=...)."
+            )
+
+        name_col = _pick(headers, name, by_key, _NAME_HEADERS, "name")
+        first = last = None
+        if name_col is None:
+            first = next((by_key[k] for k in _FIRST_HEADERS if k in by_key), None)
+            last = next((by_key[k] for k in _LAST_HEADERS if k in by_key), None)
+        return cls(email=email_col, name=name_col, first_name=first, last_name=last)
+
+    def name_of(self, row: Mapping[str, Any]) -> str | None:
+        if self.name:
+            parts = [row.get(self.name)]
+        else:
+            parts = [row.get(self.first_name or ""), row.get(self.last_name or "")]
+        text = _SPACES.sub(" ", " ".join(str(p) for p in parts if p)).strip()
+        return text or None
+
+
+def _header_key(header: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", str(header).lower())
+
+
+def _pick(
+    headers: Sequence[str],
+    given: str | None,
+    by_key: Mapping[str, str],
+    known: set[str],
+    what: str,
+) -> str | None:
+    if given is None:
+        return next((by_key[k] for k in by_key if k in known), None)
+
+    for header in headers:
+        if header == given or header.strip().lower() == given.strip().lower():
+            return header
+    raise RecipientImportError(
+        f"The {what} column {given!r} is not in the file; its headers are {list(headers)!r}."
+    )
+
+
+# -- reading ---------------------------------------------------------------------------
+
+
+def _decoded_lines(stream: IO[bytes], encoding: str) -> Iterator[str]:
+    """Yield the stream's lines decoded, naming the line of any undecodable bytes."""
+    try:
+        codec = codecs.lookup(encoding)
+    except LookupError:
+        raise RecipientImportError(
+            f"Unknown encoding {encoding!r}; use a Python codec name such as "
+            "'utf-8' or 'cp1252'."
+        ) from None
+
+    for number, raw in enumerate(stream, start=1):
+        try:
+            text = codec.decode(raw)[0]
+        except UnicodeDecodeError as err:
+            bad = raw[err.start : err.end]
+            raise RecipientImportError(
+                f"Line {number} holds bytes ({bad!r}) that are not valid {codec.name}; "
+                "pass the file's real encoding with --encoding (e.g. cp1252)."
+            ) from None
+        if number == 1 and text.startswith("\ufeff"):
+            text = text[1:]
+        yield text
+
+
+def _text_lines(stream: IO[str]) -> Iterator[str]:
+    for number, text in enumerate(stream, start=1):
+        yield text[1:] if number == 1 and text.startswith("\ufeff") else text
+
+
+def _sniff_delimiter(header_line: str) -> str:
+    counts = {d: header_line.count(d) for d in _DELIMITERS}
+    best = max(counts, key=lambda d: counts[d])
+    return best if counts[best] else ","
+
+
+def read_csv(
+    source: IO[bytes], *, encoding: str | None = None, delimiter: str | None = None
+) -> tuple[list[str], Iterator[tuple[int, list[str]]], Callable[[], int]]:
+    """Open a CSV stream: its headers, an iterator of ``(line, fields)``, and a
+    function returning how many blank lines were skipped so far."""
+    if isinstance(source, io.TextIOBase):
+        lines: Iterator[str] = _text_lines(source)
+    else:
+        lines = _decoded_lines(source, encoding or "utf-8")
+    first = next(lines, None)
+    while first is not None and not first.strip():
+        first = next(lines, None)
+    if first is None:
+        raise RecipientImportError("The recipient file is empty: it has no header row.")
+
+    sep = delimiter or _sniff_delimiter(first)
+    headers = [h.strip() for h in next(csv.reader([first], delimiter=sep))]
+    blanks = 0
+
+    def records() -> Iterator[tuple[int, list[str]]]:
+        nonlocal blanks
+        reader = csv.reader(lines, delimiter=sep, strict=False)
+        # The header was read apart from the reader; line numbers count from it.
+        last_line = 1
+        try:
+            for fields in reader:
+                start = last_line + 1
+                last_line = 1 + reader.line_num
+                if not fields or (len(fields) == 1 and not fields[0].strip()):
+                    blanks += 1
+                    continue
+                yield start, fields
+        except csv.Error as err:
+            raise RecipientImportError(
+                f"Line {last_line + 1} cannot be read as CSV: {err}."
+            ) from None
+
+    return headers, records(), lambda: blanks
+
+
+# -- staging rows ----------------------------------------------------------------------
+
+
+class RowBuilder:
+    """Turns one input row into the tuple written to the recipients table."""
+
+    def __init__(self, job_id: int, columns: ColumnMap, batch_size: int) -> None:
+        self.job_id = job_id
+        self.columns = columns
+        self.batch_size = batch_size
+        self.checker = AddressChecker()
+        self.stats = ImportStats()
+
+    def build(self, line: int, row: Mapping[str, Any]) -> tuple[Any, ...]:
+        self.stats.rows += 1
+        verdict = self.checker.check(_text(row.get(self.columns.email)))
+        name = self.columns.name_of(row)
+        variables = json.dumps(
+            {k: v for k, v in row.items() if k != self.columns.email},
+            ensure_ascii=False,
+            default=str,
+        )
+        if not verdict.ok:
+            self.stats.rejected[verdict.reason or "malformed"] += 1
+            return (
+                self.job_id, None, line, verdict.email[:320], None,
+                verdict.email.lower()[:320], name, variables, "rejected",
+                verdict.reason, verdict.detail,
+            )  # fmt: skip
+
+        batch_no = self.stats.valid // self.batch_size
+        self.stats.valid += 1
+        return (
+            self.job_id, batch_no, line, verdict.email, verdict.display, verdict.key,
+            name, variables, "pending", None, None,
+        )  # fmt: skip
+
+    def broken(self, line: int, fields: list[str], expected: int) -> tuple[Any, ...]:
+        """A row whose field count does not match the header: kept whole, rejected."""
+        self.stats.rows += 1
+        self.stats.rejected[BAD_ROW] += 1
+        return (
+            self.job_id, None, line, "", None, "", None,
+            json.dumps(fields, ensure_ascii=False), "rejected", BAD_ROW,
+            f"Expected {expected} fields, found {len(fields)}.",
+        )  # fmt: skip
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def iter_csv_rows(
+    builder: RowBuilder, headers: list[str], records: Iterable[tuple[int, list[str]]]
+) -> Iterator[tuple[tuple[Any, ...], Mapping[str, Any] | None]]:
+    """Yield ``(row tuple, row dict or None)`` for each CSV record."""
+    width = len(headers)
+    for line, fields in records:
+        if len(fields) != width:
+            yield builder.broken(line, fields, width), None
+            continue
+        row = dict(zip(headers, fields))
+        yield builder.build(line, row), row
+
+
+def iter_dict_rows(
+    builder: RowBuilder, rows: Iterable[Mapping[str, Any]]
+) -> Iterator[tuple[tuple[Any, ...], Mapping[str, Any] | None]]:
+    for line, row in enumerate(rows, start=1):
+        yield builder.build(line, row), row
+
+
+# -- writing ---------------------------------------------------------------------------
+
+
+def write_rows(session: Session, rows: Iterable[tuple[Any, ...]]) -> None:
+    """Insert recipient tuples in bulk within the session's transaction."""
+    connection = session.connection()
+    dialect = connection.dialect
+    if dialect.name == "postgresql" and dialect.driver == "psycopg":
+        _copy_rows(connection, rows)
+        return
+
+    insert = sa.insert(Recipient.__table__)
+    chunk: list[dict[str, Any]] = []
+    for row in rows:
+        chunk.append(dict(zip(_COLUMNS, row)))
+        if len(chunk) >= CHUNK:
+            connection.execute(insert, chunk)
+            chunk = []
+    if chunk:
+        connection.execute(insert, chunk)
+
+
+def _copy_rows(connection: sa.Connection, rows: Iterable[tuple[Any, ...]]) -> None:
+    driver_connection = connection.connection.driver_connection
+    statement = (
+        f"COPY {Recipient.__tablename__} ({', '.join(_COLUMNS)}, attempts) FROM STDIN"
+    )
+    with driver_connection.cursor() as cursor, cursor.copy(statement) as copy:
+        for row in rows:
+            copy.write_row((*row, 0))

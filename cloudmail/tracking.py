@@ -1,0 +1,262 @@
+"""Moving jobs, batches and recipients between states, keeping the job counters exact.
+
+Every move is a conditional ``UPDATE`` (``... WHERE status = <from>``), so two workers
+or a duplicated report can never apply the same move twice, and each recipient move
+adjusts the job's per-status counters in the same transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from . import states
+from .errors import InvalidTransition
+from .models import COUNTED_STATES, Batch, Job, Recipient, utcnow
+
+logger = logging.getLogger(__name__)
+
+_ID_CHUNK = 500
+
+
+def bump_counters(session: Session, job_id: int, source: str, target: str, n: int) -> None:
+    """Move ``n`` from the ``source`` counter of a job to its ``target`` counter."""
+    if n <= 0:
+        return
+
+    values: dict[str, Any] = {}
+    if source in COUNTED_STATES:
+        values[source] = getattr(Job, source) - n
+    if target in COUNTED_STATES:
+        values[target] = getattr(Job, target) + n
+    session.execute(sa.update(Job).where(Job.id == job_id).values(**values))
+
+
+def move_recipients(
+    session: Session,
+    job_id: int,
+    source: str,
+    target: str,
+    *conditions: sa.ColumnElement[bool],
+    values: dict[str, Any] | None = None,
+    returning: bool = False,
+) -> list[int] | int:
+    """Move the job's recipients in ``source`` that match ``conditions`` to ``target``.
+
+    Returns the moved ids when ``returning`` is set, else how many moved.
+    """
+    states.check_recipient(source, target)
+    statement = (
+        sa.update(Recipient)
+        .where(Recipient.job_id == job_id, Recipient.status == source, *conditions)
+        .values(status=target, updated_at=utcnow(), **(values or {}))
+        .execution_options(synchronize_session=False)
+    )
+    if returning:
+        ids = list(session.execute(statement.returning(Recipient.id)).scalars())
+        bump_counters(session, job_id, source, target, len(ids))
+        return ids
+
+    moved = session.execute(statement).rowcount
+    bump_counters(session, job_id, source, target, moved)
+    return moved
+
+
+def move_recipient_ids(
+    session: Session,
+    job_id: int,
+    ids: Sequence[int],
+    source: str,
+    target: str,
+    values: dict[str, Any] | None = None,
+) -> int:
+    """Move the listed recipients that are still in ``source``; return how many moved."""
+    moved = 0
+    for start in range(0, len(ids), _ID_CHUNK):
+        chunk = ids[start : start + _ID_CHUNK]
+        moved += move_recipients(
+            session, job_id, source, target, Recipient.id.in_(chunk), values=values
+        )  # type: ignore[operator]
+    return moved
+
+
+def move_each(
+    session: Session,
+    job_id: int,
+    source: str,
+    target: str,
+    rows: Sequence[dict[str, Any]],
+    columns: Sequence[str] = (),
+) -> list[int]:
+    """Move individual recipients, each only on the attempt its row names.
+
+    Each row holds ``rid``, ``attempt`` and a value for every name in ``columns``.
+    Returns the ids that were in ``source`` on that attempt and so have moved.
+    """
+    states.check_recipient(source, target)
+    if not rows:
+        return []
+
+    table = Recipient.__table__
+    waiting: set[int] = set()
+    ids = [row["rid"] for row in rows]
+    for start in range(0, len(ids), _ID_CHUNK):
+        waiting.update(session.execute(
+            sa.select(table.c.id).where(
+                table.c.job_id == job_id,
+                table.c.status == source,
+                table.c.id.in_(ids[start : start + _ID_CHUNK]),
+            )
+        ).scalars())  # fmt: skip
+
+    statement = (
+        sa.update(table)
+        .where(
+            table.c.id == sa.bindparam("b_rid"),
+            table.c.job_id == job_id,
+            table.c.status == source,
+            table.c.attempts == sa.bindparam("b_attempt"),
+        )
+        .values(
+            status=target,
+            updated_at=utcnow(),
+            **{column: sa.bindparam(f"b_{column}") for column in columns},
+        )
+    )
+    params = [{f"b_{key}": value for key, value in row.items()} for row in rows
+              if row["rid"] in waiting]  # fmt: skip
+    moved = session.connection().execute(statement, params).rowcount if params else 0
+    bump_counters(session, job_id, source, target, moved)
+    return [row["rid"] for row in rows if row["rid"] in waiting]
+
+
+def move_job(
+    session: Session,
+    job_id: int,
+    target: str,
+    *,
+    only_from: Iterable[str] | None = None,
+    values: dict[str, Any] | None = None,
+    strict: bool = True,
+) -> bool:
+    """Move a job to ``target``; refuse a move its machine forbids.
+
+    With ``strict`` a refused or lost move raises :class:`InvalidTransition`; without
+    it the function returns False (for moves that may legitimately be done already).
+    """
+    current = session.execute(sa.select(Job.status).where(Job.id == job_id)).scalar_one()
+    allowed = set(states.sources(states.JOB_TRANSITIONS, target))
+    if only_from is not None:
+        allowed &= set(only_from)
+    if current not in allowed:
+        if strict:
+            states.check_job(current, target)
+            raise InvalidTransition(
+                f"Job {job_id} is {current!r}; it cannot move to {target!r} from there.",
+                job_id=job_id,
+            )
+        return False
+
+    moved = session.execute(
+        sa.update(Job)
+        .where(Job.id == job_id, Job.status == current)
+        .values(status=target, updated_at=utcnow(), **(values or {}))
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if moved == 0 and strict:
+        raise InvalidTransition(
+            f"Job {job_id} changed state while moving to {target!r}; try again.",
+            job_id=job_id,
+        )
+    if moved:
+        logger.info("Job %s: %s -> %s", job_id, current, target)
+    return bool(moved)
+
+
+def move_batches(
+    session: Session,
+    source: str,
+    target: str,
+    *conditions: sa.ColumnElement[bool],
+    values: dict[str, Any] | None = None,
+) -> list[int]:
+    """Move the batches in ``source`` matching ``conditions``; return their ids."""
+    states.check_batch(source, target)
+    statement = (
+        sa.update(Batch)
+        .where(Batch.status == source, *conditions)
+        .values(status=target, updated_at=utcnow(), **(values or {}))
+        .returning(Batch.id)
+        .execution_options(synchronize_session=False)
+    )
+    return list(session.execute(statement).scalars())
+
+
+def recount(session: Session, job_id: int) -> dict[str, int]:
+    """Recompute a job's counters from its recipients (one scan; used after import)."""
+    rows = session.execute(
+        sa.select(Recipient.status, sa.func.count())
+        .where(Recipient.job_id == job_id)
+        .group_by(Recipient.status)
+    ).all()
+    counts = {state: 0 for state in COUNTED_STATES}
+    counts.update({status: n for status, n in rows})
+    counts["total"] = sum(n for _, n in rows)
+    session.execute(sa.update(Job).where(Job.id == job_id).values(**counts))
+    return counts
+
+
+def settle_batch(session: Session, batch_id: int) -> bool:
+    """Mark a dispatched batch done once none of its recipients awaits an outcome."""
+    batch = session.execute(
+        sa.select(Batch.job_id, Batch.number, Batch.status).where(Batch.id == batch_id)
+    ).one()
+    if batch.status != "dispatched":
+        return False
+
+    waiting = session.execute(
+        sa.select(sa.func.count())
+        .select_from(Recipient)
+        .where(
+            Recipient.job_id == batch.job_id,
+            Recipient.batch_no == batch.number,
+            Recipient.status.in_(("pending", "queued")),
+        )
+    ).scalar_one()
+    if waiting:
+        return False
+
+    return bool(
+        move_batches(session, "dispatched", "done", Batch.id == batch_id,
+                     values={"finished_at": utcnow()})
+    )  # fmt: skip
+
+
+def settle_job(session: Session, job_id: int) -> str | None:
+    """Finish a job whose recipients all have an outcome; return its new status.
+
+    A job ends ``done`` when every recipient it could send to has an outcome (sent or
+    failed alike: failed recipients can be retried), and ``failed`` when no batch
+    reached its provider at all.
+    """
+    job = session.execute(
+        sa.select(Job.status, Job.pending, Job.queued).where(Job.id == job_id)
+    ).one()
+    if job.status not in states.JOB_ACTIVE or job.pending or job.queued:
+        return None
+
+    open_batches = session.execute(
+        sa.select(sa.func.count())
+        .select_from(Batch)
+        .where(Batch.job_id == job_id, Batch.status.in_(("pending", "enqueued", "dispatched")))
+    ).scalar_one()
+    if open_batches:
+        return None
+
+    if move_job(session, job_id, "done", strict=False, values={"finished_at": utcnow()}):
+        return "done"
+    return None
