@@ -35,6 +35,8 @@ DEFAULTS: dict[str, Any] = {
     "CLOUDMAIL_URL_PREFIX": "/cloudmail",
     "CLOUDMAIL_ADMIN_CHECK": None,
     "CLOUDMAIL_UNSUBSCRIBE_URL": None,
+    "CLOUDMAIL_CALLBACK_URL": None,
+    "CLOUDMAIL_REPORT_SECRETS": [],
 }
 
 
@@ -78,6 +80,10 @@ class CloudMail:
           user may use the admin pages. Without it every admin page answers 403.
         - ``CLOUDMAIL_UNSUBSCRIBE_URL`` (None): an https URL template for
           ``List-Unsubscribe``.
+        - ``CLOUDMAIL_CALLBACK_URL`` (None): the absolute URL of the report route
+          (``https://host/cloudmail/callback/report``) that cloud functions post to.
+        - ``CLOUDMAIL_REPORT_SECRETS`` ([]): the ``whsec_...`` secrets reports are
+          signed with; list several (or space-separate them) to rotate.
         """
         # 1. Refuse a second registration: two sets of routes and signals would fight.
         if "cloudmail" in app.extensions:

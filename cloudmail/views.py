@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from flask import Blueprint, abort, current_app, render_template, request
 from flask.typing import ResponseReturnValue
 
+from . import callbacks
 from .extension import get_state
 from .models import Job
 from .resources import resource_dir
@@ -33,6 +34,7 @@ def make_blueprint() -> Blueprint:
     bp.before_request(_require_admin)
     bp.add_url_rule("/jobs", "jobs", jobs_page)
     bp.add_url_rule("/jobs/<int:job_id>", "job", job_page)
+    callbacks.register(bp)
     return bp
 
 
