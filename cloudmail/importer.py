@@ -41,6 +41,8 @@ _FIRST_HEADERS = {"firstname", "first", "givenname", "forename", "vorname", "pre
 _LAST_HEADERS = {"lastname", "last", "surname", "familyname", "nachname", "nom"}
 _DELIMITERS = (",", ";", "\t", "|")
 _SPACES = re.compile(r"\s+")
+# One encoder for every row: json.dumps with options builds a new one per call.
+_JSON = json.JSONEncoder(ensure_ascii=False, default=str)
 
 _COLUMNS = (
     "job_id", "batch_no", "line", "email", "email_display", "email_key", "name",
@@ -216,11 +218,7 @@ class RowBuilder:
         self.stats.rows += 1
         verdict = self.checker.check(_text(row.get(self.columns.email)))
         name = self.columns.name_of(row)
-        variables = json.dumps(
-            {k: v for k, v in row.items() if k != self.columns.email},
-            ensure_ascii=False,
-            default=str,
-        )
+        variables = _JSON.encode({k: v for k, v in row.items() if k != self.columns.email})
         if not verdict.ok:
             self.stats.rejected[verdict.reason or "malformed"] += 1
             return (
@@ -242,7 +240,7 @@ class RowBuilder:
         self.stats.rejected[BAD_ROW] += 1
         return (
             self.job_id, None, line, "", None, "", None,
-            json.dumps(fields, ensure_ascii=False), "rejected", BAD_ROW,
+            _JSON.encode(fields), "rejected", BAD_ROW,
             f"Expected {expected} fields, found {len(fields)}.",
         )  # fmt: skip
 
