@@ -50,7 +50,10 @@ def floor(csv_path: str, database: str, queue: multiprocessing.Queue) -> None:
                      "phone1 text, city text, country text, lang text, suspended text, "
                      "lastaccess text)")  # fmt: skip
         start = time.perf_counter()
-        with conn.cursor() as cur, cur.copy("COPY bare FROM STDIN WITH (FORMAT csv, HEADER)") as copy:
+        with (
+            conn.cursor() as cur,
+            cur.copy("COPY bare FROM STDIN WITH (FORMAT csv, HEADER)") as copy,
+        ):
             with open(csv_path, "rb") as f:
                 while chunk := f.read(1 << 20):
                     copy.write(chunk)
@@ -120,16 +123,26 @@ def main() -> None:
             conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
     total = ours["import_s"] + ours["plan_enqueue_s"]
-    print(f"file: {csv_path.name} ({csv_path.stat().st_size / 1e6:.0f} MB, {ours['rows']:,} rows)")
-    print(f"floor  bare COPY into a bare table: {base['copy_s']:.2f} s "
-          f"({ours['rows'] / base['copy_s']:,.0f} rows/s), peak RSS {base['rss_mb']:.0f} MB")
-    print(f"cloudmail import (parse, validate, COPY, dedupe, suppress, count): "
-          f"{ours['import_s']:.2f} s ({ours['rows'] / ours['import_s']:,.0f} rows/s), "
-          f"peak RSS {ours['import_rss_mb']:.0f} MB")
-    print(f"cloudmail plan + enqueue: {ours['plan_enqueue_s']:.2f} s for {ours['batches']} batches "
-          f"({ours['rq_jobs']} RQ jobs on the queue)")
-    print(f"cloudmail total: {total:.2f} s ({ours['rows'] / total:,.0f} rows/s), "
-          f"peak RSS {ours['rss_mb']:.0f} MB; ratio to the floor: {total / base['copy_s']:.1f}x")
+    print(
+        f"file: {csv_path.name} ({csv_path.stat().st_size / 1e6:.0f} MB, {ours['rows']:,} rows)"
+    )
+    print(
+        f"floor  bare COPY into a bare table: {base['copy_s']:.2f} s "
+        f"({ours['rows'] / base['copy_s']:,.0f} rows/s), peak RSS {base['rss_mb']:.0f} MB"
+    )
+    print(
+        f"cloudmail import (parse, validate, COPY, dedupe, suppress, count): "
+        f"{ours['import_s']:.2f} s ({ours['rows'] / ours['import_s']:,.0f} rows/s), "
+        f"peak RSS {ours['import_rss_mb']:.0f} MB"
+    )
+    print(
+        f"cloudmail plan + enqueue: {ours['plan_enqueue_s']:.2f} s for {ours['batches']} batches "
+        f"({ours['rq_jobs']} RQ jobs on the queue)"
+    )
+    print(
+        f"cloudmail total: {total:.2f} s ({ours['rows'] / total:,.0f} rows/s), "
+        f"peak RSS {ours['rss_mb']:.0f} MB; ratio to the floor: {total / base['copy_s']:.1f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -218,7 +218,9 @@ class RowBuilder:
         self.stats.rows += 1
         verdict = self.checker.check(_text(row.get(self.columns.email)))
         name = self.columns.name_of(row)
-        variables = _JSON.encode({k: v for k, v in row.items() if k != self.columns.email})
+        variables = _JSON.encode(
+            {k: v for k, v in row.items() if k != self.columns.email}
+        )
         if not verdict.ok:
             self.stats.rejected[verdict.reason or "malformed"] += 1
             return (
@@ -251,22 +253,22 @@ def _text(value: Any) -> str:
 
 def iter_csv_rows(
     builder: RowBuilder, headers: list[str], records: Iterable[tuple[int, list[str]]]
-) -> Iterator[tuple[tuple[Any, ...], Mapping[str, Any] | None]]:
-    """Yield ``(row tuple, row dict or None)`` for each CSV record."""
+) -> Iterator[tuple[Any, ...]]:
+    """Yield the table row for each CSV record."""
     width = len(headers)
     for line, fields in records:
         if len(fields) != width:
-            yield builder.broken(line, fields, width), None
+            yield builder.broken(line, fields, width)
             continue
-        row = dict(zip(headers, fields))
-        yield builder.build(line, row), row
+        yield builder.build(line, dict(zip(headers, fields, strict=True)))
 
 
 def iter_dict_rows(
     builder: RowBuilder, rows: Iterable[Mapping[str, Any]]
-) -> Iterator[tuple[tuple[Any, ...], Mapping[str, Any] | None]]:
+) -> Iterator[tuple[Any, ...]]:
+    """Yield the table row for each dict."""
     for line, row in enumerate(rows, start=1):
-        yield builder.build(line, row), row
+        yield builder.build(line, row)
 
 
 # -- writing ---------------------------------------------------------------------------
@@ -283,7 +285,7 @@ def write_rows(session: Session, rows: Iterable[tuple[Any, ...]]) -> None:
     insert = sa.insert(Recipient.__table__)
     chunk: list[dict[str, Any]] = []
     for row in rows:
-        chunk.append(dict(zip(_COLUMNS, row)))
+        chunk.append(dict(zip(_COLUMNS, row, strict=True)))
         if len(chunk) >= CHUNK:
             connection.execute(insert, chunk)
             chunk = []

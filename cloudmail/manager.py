@@ -35,7 +35,9 @@ from .settings import VALIDATORS, all_settings
 
 logger = logging.getLogger(__name__)
 
-RecipientSource = str | os.PathLike[str] | IO[bytes] | IO[str] | Iterable[Mapping[str, Any]]
+RecipientSource = (
+    str | os.PathLike[str] | IO[bytes] | IO[str] | Iterable[Mapping[str, Any]]
+)
 
 
 def create_job(
@@ -71,7 +73,9 @@ def create_job(
             "sender='News <news@example.com>'."
         )
     sender = VALIDATORS["sender"](sender or settings["sender"])
-    reply_to = VALIDATORS["reply_to"](reply_to if reply_to is not None else settings["reply_to"])
+    reply_to = VALIDATORS["reply_to"](
+        reply_to if reply_to is not None else settings["reply_to"]
+    )
     provider = VALIDATORS["provider"](provider or settings["provider"])
     batch_size = VALIDATORS["batch_size"](batch_size or settings["batch_size"])
     template = MessageTemplate(subject, html, text)
@@ -127,7 +131,9 @@ def _import(
             with open(source, "rb") as stream:
                 return _import_csv(session, job, stream, template, **options)
         except FileNotFoundError:
-            raise RecipientImportError(f"Recipient file {os.fspath(source)!r} does not exist.") from None
+            raise RecipientImportError(
+                f"Recipient file {os.fspath(source)!r} does not exist."
+            ) from None
     if isinstance(source, (io.IOBase, io.TextIOBase)) or hasattr(source, "read"):
         return _import_csv(session, job, source, template, **options)  # type: ignore[arg-type]
     return _import_dicts(session, job, source, template, **options)
@@ -136,7 +142,9 @@ def _import(
 def _import_csv(session: Any, job: Job, stream: Any, template: MessageTemplate, *,
                 encoding: str | None, delimiter: str | None, email_column: str | None,
                 name_column: str | None) -> ImportStats:  # fmt: skip
-    headers, records, blank_lines = read_csv(stream, encoding=encoding, delimiter=delimiter)
+    headers, records, blank_lines = read_csv(
+        stream, encoding=encoding, delimiter=delimiter
+    )
     columns = ColumnMap.detect(headers, email=email_column, name=name_column)
     builder = RowBuilder(job.id, columns, job.batch_size)
     rows = iter_csv_rows(builder, headers, records)
@@ -164,12 +172,12 @@ def _import_dicts(session: Any, job: Job, rows: Iterable[Mapping[str, Any]],
 
 
 def _checked(
-    rows: Iterable[tuple[tuple[Any, ...], Mapping[str, Any] | None]],
+    rows: Iterable[tuple[Any, ...]],
     template: MessageTemplate,
 ) -> Iterator[tuple[Any, ...]]:
     """Pass rows through, rendering the first valid one to catch missing variables."""
     checked = False
-    for row, values in rows:
+    for row in rows:
         if not checked and row[8] == "pending":
             checked = True
             context = recipient_context(email=row[3], display=row[4], name=row[6],
@@ -177,7 +185,9 @@ def _checked(
             try:
                 template.render(context)
             except TemplateError as err:
-                raise TemplateError(f"Line {row[2]} (the first valid recipient): {err}") from None
+                raise TemplateError(
+                    f"Line {row[2]} (the first valid recipient): {err}"
+                ) from None
         yield row
 
 
@@ -233,7 +243,11 @@ def plan_batches(job_id: int) -> int:
         .group_by(Recipient.batch_no)
         .order_by(Recipient.batch_no)
     ).all()
-    new = [Batch(job_id=job_id, number=n, size=size) for n, size in counts if n not in planned]
+    new = [
+        Batch(job_id=job_id, number=n, size=size)
+        for n, size in counts
+        if n not in planned
+    ]
     session.add_all(new)
     return len(new)
 
@@ -261,7 +275,9 @@ def pause_job(job_id: int) -> int:
     """Stop handing out a job's batches; batches already being sent finish."""
     session = get_state().db.session
     tracking.move_job(session, job_id, "paused")
-    taken_back = tracking.move_batches(session, "enqueued", "pending", Batch.job_id == job_id)
+    taken_back = tracking.move_batches(
+        session, "enqueued", "pending", Batch.job_id == job_id
+    )
     session.commit()
     return len(taken_back)
 
@@ -312,7 +328,9 @@ def retry_failed(job_id: int, *, progress: Callable[[int], None] | None = None) 
                           strict=job.status not in ("queued", "sending"))  # fmt: skip
     plan_batches(job_id)
     session.commit()
-    logger.info("Job %s: %d failed recipients queued for another attempt", job_id, len(ids))
+    logger.info(
+        "Job %s: %d failed recipients queued for another attempt", job_id, len(ids)
+    )
     if job.status != "paused":
         _hand_over(job_id, progress)
     return len(ids)
@@ -327,7 +345,9 @@ def job_summary(job_id: int) -> dict[str, Any]:
     session.refresh(job)
     reasons = session.execute(
         sa.select(Recipient.reason, sa.func.count())
-        .where(Recipient.job_id == job_id, Recipient.status.in_(("rejected", "suppressed")))
+        .where(
+            Recipient.job_id == job_id, Recipient.status.in_(("rejected", "suppressed"))
+        )
         .group_by(Recipient.reason)
     ).all()
     failed = session.execute(
@@ -383,5 +403,3 @@ def _source_name(source: RecipientSource) -> str | None:
 
 def _app() -> Any:
     return current_app._get_current_object()  # type: ignore[attr-defined]
-
-

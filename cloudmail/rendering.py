@@ -80,7 +80,9 @@ def _render(template: Any, part: str, context: Mapping[str, Any]) -> str:
         ) from None
     except SecurityError as err:
         raise TemplateError(f"The {part} template is not allowed: {err}") from None
-    except Exception as err:  # a filter or an expression failed on this recipient's data
+    except (
+        Exception
+    ) as err:  # a filter or an expression failed on this recipient's data
         raise TemplateError(
             f"The {part} template failed: {type(err).__name__}: {err}"
         ) from None
@@ -100,7 +102,9 @@ def recipient_context(
     not a valid name, by a cleaned-up one (``E-Mail`` → ``{{ e_mail }}``); ``email``,
     ``name`` and ``recipient`` (with ``.email`` and ``.name``).
     """
-    values = json.loads(variables) if isinstance(variables, str) else dict(variables or {})
+    values = (
+        json.loads(variables) if isinstance(variables, str) else dict(variables or {})
+    )
     context: dict[str, Any] = {}
     if isinstance(values, dict):
         for key, value in values.items():

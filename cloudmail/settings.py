@@ -23,7 +23,9 @@ logger = logging.getLogger(__name__)
 
 def _provider(value: Any) -> str:
     if value not in PROVIDERS:
-        raise ConfigurationError(f"provider is {value!r}; use one of {', '.join(PROVIDERS)}.")
+        raise ConfigurationError(
+            f"provider is {value!r}; use one of {', '.join(PROVIDERS)}."
+        )
     return value
 
 
@@ -33,7 +35,9 @@ def _batch_size(value: Any) -> int:
     except (TypeError, ValueError):
         number = 0
     if number < 1 or number > 50_000:
-        raise ConfigurationError(f"batch_size is {value!r}; use a whole number from 1 to 50000.")
+        raise ConfigurationError(
+            f"batch_size is {value!r}; use a whole number from 1 to 50000."
+        )
     return number
 
 
@@ -77,7 +81,9 @@ VALIDATORS: dict[str, Callable[[Any], Any]] = {
 def get_setting(key: str) -> Any:
     """Return the current value of setting ``key``: the table's, else the config's."""
     if key not in VALIDATORS:
-        raise KeyError(f"{key!r} is not a cloudmail setting; use one of {sorted(VALIDATORS)}.")
+        raise KeyError(
+            f"{key!r} is not a cloudmail setting; use one of {sorted(VALIDATORS)}."
+        )
 
     db = get_state().db
     row = db.session.get(Setting, key)
@@ -99,7 +105,9 @@ def set_setting(key: str, value: Any) -> Any:
     The caller commits.
     """
     if key not in VALIDATORS:
-        raise KeyError(f"{key!r} is not a cloudmail setting; use one of {sorted(VALIDATORS)}.")
+        raise KeyError(
+            f"{key!r} is not a cloudmail setting; use one of {sorted(VALIDATORS)}."
+        )
 
     checked = VALIDATORS[key](value)
     db = get_state().db

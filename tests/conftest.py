@@ -22,7 +22,9 @@ from cloudmail.models import Base
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
-PG_ADMIN_URL = os.environ.get("CLOUDMAIL_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+PG_ADMIN_URL = os.environ.get(
+    "CLOUDMAIL_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test"
+)
 REDIS_URL = os.environ.get("CLOUDMAIL_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 
@@ -31,7 +33,9 @@ def pg_url() -> Iterator[str]:
     name = f"cloudmail_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace(
+        "postgresql://", "postgresql+psycopg://"
+    )
     yield f"{base}/{name}"
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -67,7 +71,9 @@ def app_config() -> dict[str, object]:
 
 
 @pytest.fixture
-def app(tmp_path: Path, database_url: str, app_config: dict[str, object]) -> Iterator[Flask]:
+def app(
+    tmp_path: Path, database_url: str, app_config: dict[str, object]
+) -> Iterator[Flask]:
     app = make_app(tmp_path, database_url, **app_config)
     with app.app_context():
         engine = get_state().db.engine
@@ -111,4 +117,6 @@ def html_file(tmp_path: Path) -> Path:
 
 def count_rows(db, table: str, **where: object) -> int:  # noqa: ANN001
     clause = " AND ".join(f"{k} = :{k}" for k in where) or "1=1"
-    return db.session.execute(sa.text(f"SELECT count(*) FROM {table} WHERE {clause}"), where).scalar()
+    return db.session.execute(
+        sa.text(f"SELECT count(*) FROM {table} WHERE {clause}"), where
+    ).scalar()

@@ -5,16 +5,17 @@ from __future__ import annotations
 import csv
 
 import pytest
+from conftest import SHARED
 from email_validator import EmailNotValidError, validate_email
 
 from cloudmail.addresses import AddressChecker
 
-from conftest import SHARED
-
 
 def _authority(address: str) -> tuple[bool, str | None]:
     try:
-        result = validate_email(address, check_deliverability=False, allow_smtputf8=False)
+        result = validate_email(
+            address, check_deliverability=False, allow_smtputf8=False
+        )
     except EmailNotValidError:
         return False, None
     return True, result.ascii_email
@@ -27,7 +28,9 @@ def _sample_addresses() -> list[str]:
         ("contacts_excel_cp1252.csv", "cp1252", ";", "E-Mail"),
     ):
         with open(SHARED / name, encoding=encoding, newline="") as f:
-            found.extend(row[column].strip() for row in csv.DictReader(f, delimiter=delimiter))
+            found.extend(
+                row[column].strip() for row in csv.DictReader(f, delimiter=delimiter)
+            )
     return found
 
 
@@ -49,18 +52,37 @@ def test_verdicts_match_email_validator_on_every_sample_row() -> None:
     ("raw", "ok", "email", "display", "reason"),
     [
         ("  Alice@EXAMPLE.com ", True, "Alice@example.com", None, None),
-        ("jo@münchen.example", True, "jo@xn--mnchen-3ya.example", "jo@münchen.example", None),
+        (
+            "jo@münchen.example",
+            True,
+            "jo@xn--mnchen-3ya.example",
+            "jo@münchen.example",
+            None,
+        ),
         ("üser1@example.com", False, "üser1@example.com", None, "non_ascii_local_part"),
         ("a@b", False, "a@b", None, "malformed"),
         ("user@localhost", False, "user@localhost", None, "malformed"),
-        ("Full Name <fn@example.com>", False, "Full Name <fn@example.com>", None, "malformed"),
+        (
+            "Full Name <fn@example.com>",
+            False,
+            "Full Name <fn@example.com>",
+            None,
+            "malformed",
+        ),
         ("   ", False, "", None, "empty"),
         (None, False, "", None, "empty"),
     ],
 )
-def test_verdicts(raw: str | None, ok: bool, email: str, display: str | None, reason: str | None) -> None:
+def test_verdicts(
+    raw: str | None, ok: bool, email: str, display: str | None, reason: str | None
+) -> None:
     verdict = AddressChecker().check(raw)
 
-    assert (verdict.ok, verdict.email, verdict.display, verdict.reason) == (ok, email, display, reason)
+    assert (verdict.ok, verdict.email, verdict.display, verdict.reason) == (
+        ok,
+        email,
+        display,
+        reason,
+    )
     if not ok:
         assert verdict.detail

@@ -8,9 +8,8 @@ import json
 import re
 from pathlib import Path
 
-from flask import Flask
-
 from conftest import SHARED
+from flask import Flask
 
 
 def _send(runner, html_file: Path, recipients: Path, *extra: str):  # noqa: ANN001, ANN202
@@ -18,7 +17,9 @@ def _send(runner, html_file: Path, recipients: Path, *extra: str):  # noqa: ANN0
                                "--subject", "Hello {{ name }}", "--html", str(html_file), *extra])  # fmt: skip
 
 
-def test_send_moodle_sample_summary_adds_up(app: Flask, runner, html_file: Path, outbox: Path) -> None:
+def test_send_moodle_sample_summary_adds_up(
+    app: Flask, runner, html_file: Path, outbox: Path
+) -> None:
     result = _send(runner, html_file, SHARED / "moodle_users_5k.csv")
 
     assert result.exit_code == 0, result.output
@@ -34,27 +35,46 @@ def test_send_moodle_sample_summary_adds_up(app: Flask, runner, html_file: Path,
     summary = json.loads(status.output)
     counters = summary["counters"]
     assert summary["status"] == "done"
-    assert counters["sent"] + counters["rejected"] + counters["suppressed"] + counters["failed"] == 5000
+    assert (
+        counters["sent"]
+        + counters["rejected"]
+        + counters["suppressed"]
+        + counters["failed"]
+        == 5000
+    )
 
 
-def test_send_excel_sample_with_encoding_and_rejects_csv(app: Flask, runner, html_file: Path, outbox: Path) -> None:
-    result = _send(runner, html_file, SHARED / "contacts_excel_cp1252.csv", "--encoding", "cp1252")
+def test_send_excel_sample_with_encoding_and_rejects_csv(
+    app: Flask, runner, html_file: Path, outbox: Path
+) -> None:
+    result = _send(
+        runner, html_file, SHARED / "contacts_excel_cp1252.csv", "--encoding", "cp1252"
+    )
     assert result.exit_code == 0, result.output
-    summary = json.loads(runner.invoke(args=["cloudmail", "status", "1", "--json"]).output)
+    summary = json.loads(
+        runner.invoke(args=["cloudmail", "status", "1", "--json"]).output
+    )
 
     rejects = runner.invoke(args=["cloudmail", "rejects", "1"])
 
     rows = list(csv.DictReader(io.StringIO(rejects.output)))
     assert rejects.exit_code == 0
     assert len(rows) == summary["counters"]["rejected"] > 0
-    assert {r["reason"] for r in rows} <= {"duplicate", "malformed", "empty", "non_ascii_local_part"}
+    assert {r["reason"] for r in rows} <= {
+        "duplicate",
+        "malformed",
+        "empty",
+        "non_ascii_local_part",
+    }
     assert all(r["line"].isdigit() and r["detail"] for r in rows)
     sent = summary["counters"]["sent"]
     assert sent + len(rows) == 800
     assert len(list((outbox / "job-1").glob("*.eml"))) == sent
 
 
-def test_user_mistakes_are_one_line_without_traceback(app: Flask, runner, html_file: Path, tmp_path: Path) -> None:
+def test_user_mistakes_are_one_line_without_traceback(
+    app: Flask, runner, html_file: Path, tmp_path: Path
+) -> None:
     missing = _send(runner, html_file, tmp_path / "nope.csv")
     wrong_encoding = _send(runner, html_file, SHARED / "contacts_excel_cp1252.csv")
     no_job = runner.invoke(args=["cloudmail", "status", "42"])
@@ -62,7 +82,10 @@ def test_user_mistakes_are_one_line_without_traceback(app: Flask, runner, html_f
     assert missing.exit_code == 1
     assert missing.output.strip().endswith("nope.csv' does not exist.")
     assert wrong_encoding.exit_code == 1
-    assert "Line 3 holds bytes" in wrong_encoding.output and "--encoding" in wrong_encoding.output
+    assert (
+        "Line 3 holds bytes" in wrong_encoding.output
+        and "--encoding" in wrong_encoding.output
+    )
     assert no_job.exit_code == 1
     assert no_job.output.strip() == "Error: There is no job 42."
     for result in (missing, wrong_encoding, no_job):
@@ -71,7 +94,9 @@ def test_user_mistakes_are_one_line_without_traceback(app: Flask, runner, html_f
 
 
 def test_jobs_pause_retry_cancel_commands(app: Flask, runner, html_file: Path) -> None:
-    _send(runner, html_file, SHARED / "contacts_excel_cp1252.csv", "--encoding", "cp1252")
+    _send(
+        runner, html_file, SHARED / "contacts_excel_cp1252.csv", "--encoding", "cp1252"
+    )
 
     listing = runner.invoke(args=["cloudmail", "jobs"])
     refused = runner.invoke(args=["cloudmail", "pause", "1"])

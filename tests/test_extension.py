@@ -34,15 +34,25 @@ def test_second_registration_is_refused(tmp_path: Path) -> None:
 def test_state_accessor_explains_missing_init(tmp_path: Path) -> None:
     app = Flask("bare", instance_path=str(tmp_path))
 
-    with pytest.raises(NotInitializedError, match="Did you forget to call 'CloudMail\\(app\\)'"):
+    with pytest.raises(
+        NotInitializedError, match="Did you forget to call 'CloudMail\\(app\\)'"
+    ):
         get_state(app)
 
 
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
-        ("CLOUDMAIL_PROVIDER", "smtp", "CLOUDMAIL_PROVIDER is 'smtp'; use one of outbox, aws, cloudflare."),
-        ("CLOUDMAIL_BATCH_SIZE", 0, "CLOUDMAIL_BATCH_SIZE is 0; it must be a whole number of at least 1."),
+        (
+            "CLOUDMAIL_PROVIDER",
+            "smtp",
+            "CLOUDMAIL_PROVIDER is 'smtp'; use one of outbox, aws, cloudflare.",
+        ),
+        (
+            "CLOUDMAIL_BATCH_SIZE",
+            0,
+            "CLOUDMAIL_BATCH_SIZE is 0; it must be a whole number of at least 1.",
+        ),
         ("CLOUDMAIL_BATCH_SIZE", "100", "CLOUDMAIL_BATCH_SIZE is '100'"),
         ("CLOUDMAIL_SEND_RATE", -1, "CLOUDMAIL_SEND_RATE is -1"),
         ("CLOUDMAIL_ADMIN_CHECK", "yes", "CLOUDMAIL_ADMIN_CHECK is 'yes'"),

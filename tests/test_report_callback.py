@@ -36,16 +36,28 @@ def _queued_job(count: int = 3) -> tuple[int, int, list[int]]:
     return job.id, batch.id, sorted(ids)  # type: ignore[arg-type]
 
 
-def _report(job_id: int, batch_id: int, results: list[dict], rid: str = "rep_1") -> bytes:
+def _report(
+    job_id: int, batch_id: int, results: list[dict], rid: str = "rep_1"
+) -> bytes:
     return json.dumps({"v": 1, "id": rid, "source": "lambda", "job": job_id, "batch": batch_id,
                        "results": results}).encode()  # fmt: skip
 
 
 def _result(job_id: int, rid: int, status: str = "sent") -> dict:
     if status == "sent":
-        return {"rid": rid, "key": f"cm-{job_id}-{rid}-1", "status": "sent", "message_id": f"ses-{rid}"}
-    return {"rid": rid, "key": f"cm-{job_id}-{rid}-1", "status": "failed",
-            "error_code": "MessageRejected", "error": "Email address is not verified."}
+        return {
+            "rid": rid,
+            "key": f"cm-{job_id}-{rid}-1",
+            "status": "sent",
+            "message_id": f"ses-{rid}",
+        }
+    return {
+        "rid": rid,
+        "key": f"cm-{job_id}-{rid}-1",
+        "status": "failed",
+        "error_code": "MessageRejected",
+        "error": "Email address is not verified.",
+    }
 
 
 def _post(client, body: bytes, secret: str = NEW, **overrides: str):  # noqa: ANN001, ANN202
@@ -55,7 +67,9 @@ def _post(client, body: bytes, secret: str = NEW, **overrides: str):  # noqa: AN
                        content_type="application/json")  # fmt: skip
 
 
-def test_valid_report_marks_recipients_and_is_idempotent(app: Flask, client, db) -> None:
+def test_valid_report_marks_recipients_and_is_idempotent(
+    app: Flask, client, db
+) -> None:
     job_id, batch_id, ids = _queued_job()
     body = _report(job_id, batch_id, [_result(job_id, ids[0]), _result(job_id, ids[1]),
                                       _result(job_id, ids[2], "failed")])  # fmt: skip
@@ -67,22 +81,38 @@ def test_valid_report_marks_recipients_and_is_idempotent(app: Flask, client, db)
     assert first.get_json() == {"ok": True, "sent": 2, "failed": 1, "ignored": 0}
     assert again.get_json() == {"ok": True, "sent": 0, "failed": 0, "ignored": 3}
     summary = manager.job_summary(job_id)
-    assert (summary["status"], summary["counters"]["sent"], summary["counters"]["failed"]) == ("done", 2, 1)
-    assert db.session.execute(sa.select(Recipient.provider_message_id).where(Recipient.id == ids[0])).scalar() == f"ses-{ids[0]}"
+    assert (
+        summary["status"],
+        summary["counters"]["sent"],
+        summary["counters"]["failed"],
+    ) == ("done", 2, 1)
+    assert (
+        db.session.execute(
+            sa.select(Recipient.provider_message_id).where(Recipient.id == ids[0])
+        ).scalar()
+        == f"ses-{ids[0]}"
+    )
     assert summary["failed_by_reason"] == {"MessageRejected": 1}
 
 
 def test_rotated_secret_is_accepted(app: Flask, client) -> None:
     job_id, batch_id, ids = _queued_job(1)
 
-    assert _post(client, _report(job_id, batch_id, [_result(job_id, ids[0])]), secret=OLD).status_code == 200
+    assert (
+        _post(
+            client, _report(job_id, batch_id, [_result(job_id, ids[0])]), secret=OLD
+        ).status_code
+        == 200
+    )
 
 
 @pytest.mark.parametrize(
     "change",
     ["wrong-secret", "old-timestamp", "no-signature", "tampered-body"],
 )
-def test_unverified_reports_are_refused_with_403(app: Flask, client, change: str) -> None:
+def test_unverified_reports_are_refused_with_403(
+    app: Flask, client, change: str
+) -> None:
     job_id, batch_id, ids = _queued_job(1)
     body = _report(job_id, batch_id, [_result(job_id, ids[0])])
     if change == "wrong-secret":
@@ -95,7 +125,11 @@ def test_unverified_reports_are_refused_with_403(app: Flask, client, change: str
         response = client.post("/cloudmail/callback/report", data=body)
     else:
         headers = sign_headers(NEW, body, msg_id="rep_1")
-        response = client.post("/cloudmail/callback/report", data=body.replace(b"sent", b"SENT"), headers=headers)
+        response = client.post(
+            "/cloudmail/callback/report",
+            data=body.replace(b"sent", b"SENT"),
+            headers=headers,
+        )
 
     assert response.status_code == 403
     assert response.get_json() == {"ok": False, "error": "forbidden"}

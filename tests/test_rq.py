@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from conftest import REDIS_URL, ROOT
 from flask import Flask
 from rq import Queue, SimpleWorker
 
@@ -18,8 +19,6 @@ from cloudmail.dispatch import run_batch
 from cloudmail.errors import DispatchError
 from cloudmail.extension import get_state
 from cloudmail.models import Batch, Recipient
-
-from conftest import REDIS_URL, ROOT
 
 
 @pytest.fixture
@@ -36,14 +35,18 @@ def queue(app: Flask):  # noqa: ANN201
 
 
 def _people(n: int) -> list[dict[str, str]]:
-    return [{"email": f"person{i}@example.com", "name": f"Person {i}"} for i in range(n)]
+    return [
+        {"email": f"person{i}@example.com", "name": f"Person {i}"} for i in range(n)
+    ]
 
 
 def _eml_count(outbox: Path, job_id: int) -> int:
     return len(list((outbox / f"job-{job_id}").glob("*.eml")))
 
 
-def test_batches_go_through_rq_and_a_worker(app: Flask, queue: Queue, outbox: Path) -> None:
+def test_batches_go_through_rq_and_a_worker(
+    app: Flask, queue: Queue, outbox: Path
+) -> None:
     job = manager.create_job(_people(350), subject="Hi {{ name }}", html="x")
 
     handed = manager.start_job(job.id)
@@ -58,10 +61,16 @@ def test_batches_go_through_rq_and_a_worker(app: Flask, queue: Queue, outbox: Pa
     assert _eml_count(outbox, job.id) == 350
 
 
-def test_the_same_rq_job_twice_sends_nothing_twice(app: Flask, queue: Queue, outbox: Path, db) -> None:
+def test_the_same_rq_job_twice_sends_nothing_twice(
+    app: Flask, queue: Queue, outbox: Path, db
+) -> None:
     job = manager.create_job(_people(150), subject="x", html="x")
     manager.start_job(job.id)
-    batch_ids = db.session.execute(sa.select(Batch.id).where(Batch.job_id == job.id)).scalars().all()
+    batch_ids = (
+        db.session.execute(sa.select(Batch.id).where(Batch.job_id == job.id))
+        .scalars()
+        .all()
+    )
     # A duplicated delivery of the RQ job (as after a worker crash and re-enqueue).
     for batch_id in batch_ids:
         queue.enqueue("cloudmail.tasks.send_batch", batch_id)
@@ -70,15 +79,21 @@ def test_the_same_rq_job_twice_sends_nothing_twice(app: Flask, queue: Queue, out
     SimpleWorker([queue], connection=queue.connection).work(burst=True)
 
     assert _eml_count(outbox, job.id) == 150
-    attempts = db.session.execute(sa.select(sa.func.max(Recipient.attempts)).where(Recipient.job_id == job.id)).scalar()
+    attempts = db.session.execute(
+        sa.select(sa.func.max(Recipient.attempts)).where(Recipient.job_id == job.id)
+    ).scalar()
     assert attempts == 1
     assert manager.job_summary(job.id)["counters"]["sent"] == 150
 
 
-def test_two_workers_racing_for_one_batch(app: Flask, queue: Queue, outbox: Path, db) -> None:
+def test_two_workers_racing_for_one_batch(
+    app: Flask, queue: Queue, outbox: Path, db
+) -> None:
     job = manager.create_job(_people(100), subject="x", html="x")
     manager.start_job(job.id)
-    batch_id = db.session.execute(sa.select(Batch.id).where(Batch.job_id == job.id)).scalar_one()
+    batch_id = db.session.execute(
+        sa.select(Batch.id).where(Batch.job_id == job.id)
+    ).scalar_one()
     results: list[str] = []
     barrier = threading.Barrier(2)
 
@@ -105,10 +120,17 @@ def test_dead_redis_loses_nothing(app: Flask, outbox: Path, db) -> None:
     app.config["CLOUDMAIL_REDIS_URL"] = "redis://127.0.0.1:1/0"
     get_state(app)._redis = None
 
-    with pytest.raises(DispatchError, match=rf"Redis refused the batches of job {job.id} .*flask cloudmail resume {job.id}"):
+    with pytest.raises(
+        DispatchError,
+        match=rf"Redis refused the batches of job {job.id} .*flask cloudmail resume {job.id}",
+    ):
         manager.start_job(job.id)
 
-    statuses = db.session.execute(sa.select(Batch.status).where(Batch.job_id == job.id)).scalars().all()
+    statuses = (
+        db.session.execute(sa.select(Batch.status).where(Batch.job_id == job.id))
+        .scalars()
+        .all()
+    )
     assert statuses == ["pending"] * 3
     assert manager.job_summary(job.id)["counters"]["pending"] == 250
 
@@ -138,11 +160,27 @@ def test_flask_cloudmail_worker_command_forks_and_sends(
         f"    CLOUDMAIL_REDIS_URL={REDIS_URL!r}, CLOUDMAIL_QUEUE_NAME={queue.name!r},\n"
         f"    CLOUDMAIL_OUTBOX_DIR={str(outbox)!r})\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT / "tests"), str(ROOT)])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT / "tests"), str(ROOT)]),
+    }
 
     done = subprocess.run(
-        [sys.executable, "-m", "flask", "--app", "hostapp", "cloudmail", "worker", "--burst"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "flask",
+            "--app",
+            "hostapp",
+            "cloudmail",
+            "worker",
+            "--burst",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
     assert done.returncode == 0, done.stderr

@@ -9,7 +9,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -63,7 +62,9 @@ def test_wheel_contains_templates_static_and_migrations(wheel: Path) -> None:
     assert not any(n.startswith(("tests/", "lambda/", "bench/")) for n in names)
 
 
-def test_installed_wheel_renders_a_page_and_migrates(wheel: Path, tmp_path: Path) -> None:
+def test_installed_wheel_renders_a_page_and_migrates(
+    wheel: Path, tmp_path: Path
+) -> None:
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],

@@ -66,7 +66,9 @@ class Connector(ABC):
         self.settings = settings
 
     @abstractmethod
-    def dispatch(self, batch: BatchInfo, messages: Iterable[OutgoingMessage]) -> HandOff:
+    def dispatch(
+        self, batch: BatchInfo, messages: Iterable[OutgoingMessage]
+    ) -> HandOff:
         """Hand ``messages`` to the provider and say which were accepted.
 
         Raise :class:`~cloudmail.errors.DispatchError` only when nothing could be

@@ -23,7 +23,9 @@ logger = logging.getLogger(__name__)
 class OutboxConnector(Connector):
     name = "outbox"
 
-    def dispatch(self, batch: BatchInfo, messages: Iterable[OutgoingMessage]) -> HandOff:
+    def dispatch(
+        self, batch: BatchInfo, messages: Iterable[OutgoingMessage]
+    ) -> HandOff:
         folder = os.path.join(outbox_dir(self.app), f"job-{batch.job_id}")
         os.makedirs(folder, exist_ok=True)
         handoff = HandOff(provider_ref=folder)
@@ -34,9 +36,14 @@ class OutboxConnector(Connector):
             except OSError as err:
                 logger.error(
                     "Batch %s of job %s: cannot write the outbox file of recipient %s",
-                    batch.batch_id, batch.job_id, message.recipient_id, exc_info=True,
+                    batch.batch_id,
+                    batch.job_id,
+                    message.recipient_id,
+                    exc_info=True,
                 )
-                handoff.refused[message.recipient_id] = f"Outbox write failed: {err.strerror}"
+                handoff.refused[message.recipient_id] = (
+                    f"Outbox write failed: {err.strerror}"
+                )
                 continue
             handoff.accepted.append(message.recipient_id)
             results.append({
@@ -59,7 +66,10 @@ class OutboxConnector(Connector):
             })  # fmt: skip
         logger.info(
             "Batch %s of job %s: outbox wrote %d messages to %s",
-            batch.batch_id, batch.job_id, len(handoff.accepted), folder,
+            batch.batch_id,
+            batch.job_id,
+            len(handoff.accepted),
+            folder,
         )
         return handoff
 

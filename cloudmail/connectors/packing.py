@@ -101,7 +101,9 @@ def pack_units(
             continue
 
         used = overhead + sum(len(e) for e in entries) + len(entries)
-        if entries and (len(entries) >= max_messages or used + 1 + len(entry) > max_bytes):
+        if entries and (
+            len(entries) >= max_messages or used + 1 + len(entry) > max_bytes
+        ):
             yield flush()
         entries.append(entry)
         ids.append(message.recipient_id)
