@@ -161,8 +161,7 @@ def status_command(job_id: int, as_json: bool) -> None:
 def rejects_command(job_id: int) -> None:
     """Write a job's rejected rows, with reasons, as CSV to stdout."""
     manager.job_summary(job_id)
-    out = click.get_text_stream("stdout")
-    manager.write_rejects(job_id, out)
+    manager.write_rejects(job_id, sys.stdout)
 
 
 @cloudmail_cli.command("pause")
@@ -251,3 +250,17 @@ def db_downgrade(revision: str) -> None:
 
     downgrade(revision)
     click.echo(f"cloudmail tables at {revision}.")
+
+
+from .devcloud import dev_aws_command  # noqa: E402  (defined beside the local cloud)
+
+cloudmail_cli.add_command(dev_aws_command)
+
+from .cli_tracking import events_group, suppressions_group  # noqa: E402
+
+cloudmail_cli.add_command(events_group)
+cloudmail_cli.add_command(suppressions_group)
+
+from .observers.reengagement import reengage_command  # noqa: E402
+
+cloudmail_cli.add_command(reengage_command)

@@ -27,6 +27,7 @@ from .models import Batch, Job, Recipient, utcnow
 from .rendering import MessageTemplate, build_message, recipient_context
 from .settings import all_settings
 from .states import JOB_ACTIVE
+from .unsubscribe import recipient_url
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,13 @@ def enqueue_batches(
     """
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     session = get_state().db.session
+    # A batch its connector could not wholly hand over failed with its unsent
+    # recipients back to pending; reopen it so resume and retry send exactly those.
+    waiting = sa.select(Recipient.batch_no).where(
+        Recipient.job_id == job_id, Recipient.status == "pending"
+    )
+    tracking.move_batches(session, "failed", "pending", Batch.job_id == job_id,
+                          Batch.number.in_(waiting))  # fmt: skip
     ids = tracking.move_batches(session, "pending", "enqueued", Batch.job_id == job_id)
     session.commit()
     if not ids:
@@ -207,6 +215,13 @@ def _messages(
     broken: dict[int, str],
 ) -> Iterator[OutgoingMessage]:
     """Render the claimed recipients' mail, a chunk of rows at a time."""
+    if job.kind == "transactional":
+        # Intercepted mail arrives composed by the host; it is sent as it was stored.
+        from .observers.interceptor import stored_messages
+
+        yield from stored_messages(job, ids, broken)
+        return
+
     session = get_state().db.session
     template = MessageTemplate(job.subject_template, job.html_template, job.text_template)
     domain = parseaddr(job.sender)[1].rpartition("@")[2] or "cloudmail.invalid"
@@ -220,8 +235,11 @@ def _messages(
         ).all()
         for row in rows:
             try:
+                unsubscribe_url = recipient_url(job, row.id) if job.unsubscribe else None
                 context = recipient_context(email=row.email, display=row.email_display,
-                                            name=row.name, variables=row.variables)  # fmt: skip
+                                            name=row.name, variables=row.variables,
+                                            extra={"unsubscribe_url": unsubscribe_url}
+                                            if unsubscribe_url else None)  # fmt: skip
                 msg = build_message(
                     sender=job.sender,
                     to_email=row.email,
@@ -229,6 +247,7 @@ def _messages(
                     rendered=template.render(context),
                     reply_to=job.reply_to,
                     message_id=make_msgid(idstring=f"cm{job.id}.{row.id}", domain=domain),
+                    unsubscribe_url=unsubscribe_url,
                 )
             except CloudmailError as err:
                 broken[row.id] = str(err)

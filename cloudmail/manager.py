@@ -32,6 +32,7 @@ from .importer import (
 from .models import Batch, Job, Recipient, Suppression, utcnow
 from .rendering import MessageTemplate, recipient_context
 from .settings import VALIDATORS, all_settings
+from .states import JOB_ACTIVE
 
 logger = logging.getLogger(__name__)
 
@@ -313,6 +314,10 @@ def retry_failed(job_id: int, *, progress: Callable[[int], None] | None = None) 
         .order_by(Recipient.id)
     ).scalars())  # fmt: skip
     if not ids:
+        # Nothing failed, but a batch the connector could not wholly hand over still
+        # holds pending recipients: hand those over again.
+        if job.status in JOB_ACTIVE:
+            _hand_over(job_id, progress)
         return 0
 
     # Failed recipients get fresh batch numbers after the job's last batch.

@@ -193,3 +193,52 @@ class Suppression(Base):
     detail: Mapped[str | None] = mapped_column(sa.Text)
     source: Mapped[str | None] = mapped_column(sa.String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+#: What became of a stored event: ``pending`` (stored; waiting to be applied, or for
+#: the report that names its message id), ``applied``, ``failed`` (applying raised;
+#: ``flask cloudmail events replay`` tries again) or ``ignored`` (about mail cloudmail
+#: did not send, or about an older attempt).
+EVENT_STATUSES = ("pending", "applied", "failed", "ignored")
+
+
+class Event(Base):
+    """One event a callback accepted, stored before it is applied.
+
+    ``source`` is ``ses`` (an SES event through SNS; ``event_id`` is the SNS
+    MessageId and there is one row per recipient address of the notification) or
+    ``report`` (a report from cloudmail's Lambda or Worker; ``event_id`` is the report
+    id and ``recipient`` is empty). ``(source, event_id, recipient)`` is unique, so a
+    redelivered event is recognised and changes nothing. ``payload`` is the body as
+    it was received.
+    """
+
+    __tablename__ = "cloudmail_events"
+    __table_args__ = (
+        sa.UniqueConstraint(
+            "source", "event_id", "recipient", name="uq_cloudmail_events_source_event"
+        ),
+        sa.Index("ix_cloudmail_events_message_id", "message_id", "status"),
+        sa.Index("ix_cloudmail_events_status", "status", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    source: Mapped[str] = mapped_column(sa.String(16))
+    event_id: Mapped[str] = mapped_column(sa.String(128))
+    #: The lower-cased address the event is about; empty for a report.
+    recipient: Mapped[str] = mapped_column(sa.String(320), default="")
+    kind: Mapped[str] = mapped_column(sa.String(24))
+    #: The provider's message id (SES ``mail.messageId``).
+    message_id: Mapped[str | None] = mapped_column(sa.String(255))
+    job_id: Mapped[int | None] = mapped_column(sa.BigInteger)
+    recipient_id: Mapped[int | None] = mapped_column(sa.BigInteger)
+    status: Mapped[str] = mapped_column(sa.String(16), default="pending")
+    error: Mapped[str | None] = mapped_column(sa.Text)
+    attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
+    payload: Mapped[str] = mapped_column(sa.Text)
+    occurred_at: Mapped[datetime | None]
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    applied_at: Mapped[datetime | None]
+
+    def __repr__(self) -> str:
+        return f"<Event {self.id} {self.source}:{self.kind} {self.status!r}>"

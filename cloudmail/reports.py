@@ -4,7 +4,9 @@ A report (schema in ``docs/message-schema.md``) says, for recipients of one batc
 ``sent`` with the provider's message id or ``failed`` with an error. The outbox
 connector calls :func:`apply_report` directly; the callback route calls it once the
 report's signature is verified. Applying the same report twice changes nothing: each
-result only moves a recipient still ``queued`` on the attempt the key names.
+result only moves a recipient still ``queued`` on the attempt the key names. Once the
+report is committed, the SES events that arrived before it (kept ``pending`` because no
+recipient had their message id yet) are applied.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 from flask import current_app
 
-from . import signals, tracking
+from . import events, signals, tracking
 from .errors import WebhookError
 from .extension import get_state
 
@@ -107,6 +109,13 @@ def apply_report(report: Mapping[str, Any]) -> ReportOutcome:
         len(outcome.sent), len(outcome.failed), outcome.ignored,
     )  # fmt: skip
     _announce(job_id, outcome)
+
+    # SES events that came before this report can now find their recipients.
+    moved = set(outcome.sent)
+    recorded = [row["provider_message_id"] for row in sent
+                if row["rid"] in moved and row["provider_message_id"]]  # fmt: skip
+    if recorded:
+        events.apply_waiting(recorded)
     return outcome
 
 

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from . import states
-from .errors import InvalidTransition
+from .errors import ConfigurationError, InvalidTransition
 from .models import COUNTED_STATES, Batch, Job, Recipient, utcnow
 
 logger = logging.getLogger(__name__)
@@ -28,12 +28,13 @@ def bump_counters(session: Session, job_id: int, source: str, target: str, n: in
     if n <= 0:
         return
 
+    table = Job.__table__
     values: dict[str, Any] = {}
     if source in COUNTED_STATES:
-        values[source] = getattr(Job, source) - n
+        values[source] = table.c[source] - n
     if target in COUNTED_STATES:
-        values[target] = getattr(Job, target) + n
-    session.execute(sa.update(Job).where(Job.id == job_id).values(**values))
+        values[target] = table.c[target] + n
+    session.execute(sa.update(table).where(table.c.id == job_id).values(**values))
 
 
 def move_recipients(
@@ -260,3 +261,81 @@ def settle_job(session: Session, job_id: int) -> str | None:
     if move_job(session, job_id, "done", strict=False, values={"finished_at": utcnow()}):
         return "done"
     return None
+
+
+def move_recipient(
+    session: Session,
+    recipient_id: int,
+    job_id: int,
+    current: str,
+    target: str,
+    values: dict[str, Any] | None = None,
+) -> str | None:
+    """Move one recipient towards ``target`` if its machine allows it from where it is.
+
+    An event never moves a recipient backwards: when ``target`` cannot be reached in
+    one step from the recipient's state (a Delivery after a Bounce, anything after a
+    Complaint), nothing changes. ``current`` is the state the caller read; if another
+    transaction moved the recipient meanwhile, the state is read again. Returns the
+    state the recipient left, or None when it did not move.
+    """
+    table = Recipient.__table__
+    for _ in range(3):
+        if target not in states.RECIPIENT_TRANSITIONS.get(current, ()):
+            return None
+
+        moved = session.execute(
+            sa.update(table)
+            .where(table.c.id == recipient_id, table.c.status == current)
+            .values(status=target, updated_at=utcnow(), **(values or {}))
+        ).rowcount
+        if moved:
+            bump_counters(session, job_id, current, target, 1)
+            return current
+
+        found = session.execute(
+            sa.select(table.c.status).where(table.c.id == recipient_id)
+        ).scalar_one_or_none()
+        if found is None:
+            return None
+        current = found
+
+    logger.warning("Recipient %s kept changing state; %r not applied", recipient_id, target)
+    return None
+
+
+def insert_or_skip(
+    session: Session,
+    table: sa.Table,
+    rows: Sequence[dict[str, Any]],
+    conflict: Sequence[str],
+    returning: Sequence[str] = (),
+) -> list[sa.Row[Any]]:
+    """Insert ``rows``, silently skipping those that clash on the unique ``conflict``.
+
+    One ``INSERT ... ON CONFLICT DO NOTHING`` (PostgreSQL and SQLite alike), so two
+    requests inserting the same key at once cannot both win. Returns the ``returning``
+    columns of the rows actually inserted.
+    """
+    if not rows:
+        return []
+
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        raise ConfigurationError(
+            f"The database is {dialect!r}; cloudmail's tracking needs PostgreSQL or "
+            "SQLite (set SQLALCHEMY_DATABASE_URI to one of them)."
+        )
+
+    statement = insert(table).values(list(rows)).on_conflict_do_nothing(
+        index_elements=list(conflict)
+    )
+    if not returning:
+        session.execute(statement)
+        return []
+    columns = [table.c[name] for name in returning]
+    return list(session.execute(statement.returning(*columns)).all())
