@@ -12,4 +12,5 @@ demo:
 
 test:
 	scripts/bootstrap.sh test
+	cd lambda && node --test test/
 	$(VENV)/bin/python -m pytest

@@ -56,18 +56,22 @@ def _read(path: str | None) -> str | None:
 @click.option("--name-column", help="Header of the name column (detected when omitted).")
 @click.option("--name", "job_name", help="A name for the job.")
 @click.option("--batch-size", type=int, help="Recipients per batch.")
+@click.option("--category", help="Mail category (unsubscribes are per category).")
+@click.option("--unsubscribe", is_flag=True,
+              help="Add a one-click unsubscribe link (needs CLOUDMAIL_UNSUBSCRIBE_URL).")
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="With Redis: wait for the workers and show progress.")
 @_friendly
 def send_command(recipients: str, subject: str, html_path: str, text_path: str | None,
                  encoding: str | None, delimiter: str | None, email_column: str | None,
                  name_column: str | None, job_name: str | None, batch_size: int | None,
-                 wait: bool) -> None:  # fmt: skip
+                 category: str | None, unsubscribe: bool, wait: bool) -> None:  # fmt: skip
     """Create a job from a CSV file and send it."""
     job = manager.create_job(
         recipients, subject=subject, html=_read(html_path) or "", text=_read(text_path),
         name=job_name, encoding=encoding, delimiter=delimiter, email_column=email_column,
-        name_column=name_column, batch_size=batch_size,
+        name_column=name_column, batch_size=batch_size, category=category,
+        unsubscribe=unsubscribe,
     )  # fmt: skip
     click.echo(f"Job {job.id}: {job.total} rows read, {job.pending} to send.", err=True)
     to_send = job.pending

@@ -58,13 +58,15 @@ def create_job(
     reply_to: str | None = None,
     provider: str | None = None,
     batch_size: int | None = None,
+    unsubscribe: bool = False,
 ) -> Job:
     """Create a draft job and stream its recipients into the database.
 
     ``recipients`` is a CSV path, a CSV stream (bytes or text), or an iterable of
     dicts. The job is committed with every row recorded: valid rows ``pending``, the
     others ``rejected`` or ``suppressed`` with a reason. Nothing is sent until
-    :func:`start_job`. A template error, an unreadable file or a missing variable on
+    :func:`start_job`. With ``unsubscribe`` each mail carries a one-click unsubscribe
+    link (``CLOUDMAIL_UNSUBSCRIBE_URL``) scoped to the job's category. A template error, an unreadable file or a missing variable on
     the first valid recipient raises and leaves nothing behind.
     """
     settings = all_settings()
@@ -95,6 +97,7 @@ def create_job(
         text_template=text,
         source=_source_name(recipients),
         batch_size=batch_size,
+        unsubscribe=unsubscribe,
     )
     session.add(job)
     try:

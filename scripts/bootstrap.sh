@@ -29,7 +29,8 @@ if [ "$want" = test ]; then
     if [ ! -d lambda/node_modules ] || [ lambda/package-lock.json -nt lambda/node_modules ]; then
         (cd lambda && npm ci --no-audit --no-fund --loglevel=error)
     fi
-    if [ -f package-lock.json ] && { [ ! -d node_modules ] || [ package-lock.json -nt node_modules ]; }; then
-        npm ci --no-audit --no-fund --loglevel=error
+    # axe-core for the accessibility check in the browser tests.
+    if [ ! -d tests/browser/node_modules ] || [ tests/browser/package-lock.json -nt tests/browser/node_modules ]; then
+        (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
     fi
 fi
