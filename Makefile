@@ -7,7 +7,7 @@ VENV ?= .venv
 demo:
 	scripts/bootstrap.sh demo
 	$(VENV)/bin/flask --app wsgi cloudmail db upgrade
-	$(VENV)/bin/flask --app wsgi cloudmail send --recipients examples/recipients.csv \
+	$(VENV)/bin/flask --app wsgi cloudmail send --recipients examples/data/moodle_users_5k.csv \
 		--subject 'Welcome, {{ firstname }}' --html examples/welcome.html
 
 test:

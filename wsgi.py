@@ -1,6 +1,6 @@
 """A small host app for the README, the demo and the tests.
 
-    flask --app wsgi cloudmail send --recipients examples/recipients.csv ...
+    flask --app wsgi cloudmail send --recipients examples/data/moodle_users_5k.csv ...
 
 Settings come from the environment (``CLOUDMAIL_*`` and ``SQLALCHEMY_DATABASE_URI``);
 without any, it uses SQLite and the outbox connector under ``instance/``.
@@ -118,11 +118,11 @@ def _demo_admin_logged_in() -> bool:
 
 
 # -- demo users ----------------------------------------------------------------------
-# A users table seeded from the shared Moodle-style sample; its ``lastaccess`` drives
+# A users table seeded from the Moodle-style sample in examples/; its ``lastaccess`` drives
 # re-engagement. The ``flask --app wsgi demo ...`` commands do what a real host does
 # in its views, and fire cloudmail's signals after their own commit.
 
-SAMPLE_USERS = os.path.join(os.path.dirname(__file__), "..", "shared", "data",
+SAMPLE_USERS = os.path.join(os.path.dirname(__file__), "examples", "data",
                             "moodle_users_5k.csv")  # fmt: skip
 
 
@@ -248,6 +248,7 @@ def allocate(product: str, license_id: str, seats: int) -> None:
         users=[u.as_recipient() for u in users],
         license={"id": license_id, "product": product, "seats": seats},
     )  # fmt: skip
+    click.echo(f"Allocated {product} ({license_id}) to up to {seats} users; see 'flask cloudmail jobs'.")
 
 
 @demo_cli.command("visit")
@@ -265,9 +266,14 @@ def visit(user_id: int) -> None:
 def reset_password(user_id: int) -> None:
     """Send a password reset with Flask-Mailman, as a host does (intercepted)."""
     user = _session().get(DemoUser, user_id)
-    mailman = current_app.extensions["mailman"]
+    if user is None:
+        raise click.ClickException(f"There is no demo user {user_id}; run 'demo seed-users'.")
+    mailman = current_app.extensions.get("mailman")
+    if mailman is None:
+        raise click.ClickException("Flask-Mailman is not installed: pip install -e '.[demo]'.")
     mailman.send_mail("Reset your password", f"Hello {user.firstname}, your code is 4711.",
                       None, [user.email])  # fmt: skip
+    click.echo(f"Password reset mailed to user {user_id} (intercepted into today's job).")
 
 
 def _number_or_text(value: str) -> int | str:

@@ -17,6 +17,7 @@ from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from . import events, reports
 from .errors import ConfigurationError, WebhookError, WebhookVerificationError
@@ -24,6 +25,12 @@ from .extension import CloudmailState, get_state
 from .webhooks import ses_events, signing, sns
 
 logger = logging.getLogger(__name__)
+
+# Bodies are read whole before they are authenticated, so their size is bounded. An
+# SNS message is at most 256 KiB, which JSON escaping in the envelope can double; a
+# report covers one unit of at most 1 MiB of mail, a few thousand results at most.
+SNS_MAX_BYTES = 2 << 20
+REPORT_MAX_BYTES = 16 << 20
 
 
 def register(bp: Blueprint) -> None:
@@ -76,7 +83,9 @@ def report_secrets() -> list[str]:
 
 
 def report_callback() -> ResponseReturnValue:
-    body = request.get_data(cache=False)
+    body = _body(REPORT_MAX_BYTES)
+    if body is None:
+        return _answer(413, "too large")
     secrets = report_secrets()
     if not secrets:
         logger.error("Report refused: CLOUDMAIL_REPORT_SECRETS is not set")
@@ -92,7 +101,9 @@ def report_callback() -> ResponseReturnValue:
         return _answer(403, "forbidden")
 
     try:
-        report = json.loads(body)
+        # Decoded first: json.loads would also take UTF-16 and UTF-32 bytes, which
+        # the report's stored payload (UTF-8 text) could then not hold.
+        report = json.loads(body.decode("utf-8"))
         reports.validate_report(report)
     except (ValueError, WebhookError) as err:
         logger.warning("Report %s refused as malformed: %s", report_id, err)
@@ -123,7 +134,9 @@ def ses_callback() -> ResponseReturnValue:
         return _answer(403, "forbidden")
 
     # 2. The envelope, then its topic and signature.
-    body = request.get_data(cache=False)
+    body = _body(SNS_MAX_BYTES)
+    if body is None:
+        return _answer(413, "too large")
     try:
         message = sns.parse_sns_body(body)
     except WebhookError as err:
@@ -188,6 +201,20 @@ def _verifier(topics: list[str]) -> sns.SNSVerifier:
             verifier = sns.SNSVerifier(topics, fetch_cert=settings[1], timeout=settings[2])
             _verifiers[state] = cached = (settings, verifier)
     return cached[1]
+
+
+def _body(limit: int) -> bytes | None:
+    """The request body, or None (logged) when it is longer than ``limit`` bytes."""
+    host_limit = request.max_content_length
+    request.max_content_length = min(limit, host_limit or limit)
+    try:
+        return request.get_data(cache=False)
+    except RequestEntityTooLarge:
+        logger.warning(
+            "Webhook %s refused from %s: the body is over %d bytes",
+            request.path, request.remote_addr, request.max_content_length,
+        )  # fmt: skip
+        return None
 
 
 def _answer(status: int, text: str) -> ResponseReturnValue:

@@ -126,7 +126,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 @cloudmail_cli.command("jobs")
-@click.option("--limit", default=20, show_default=True, help="How many recent jobs.")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1),
+              help="How many recent jobs.")
 @_friendly
 def jobs_command(limit: int) -> None:
     """List recent jobs."""

@@ -527,7 +527,7 @@ def _instructions(
         "then, e.g.:",
         "  flask --app wsgi run --port 5000 &",
         "  flask --app wsgi cloudmail worker &     # with CLOUDMAIL_REDIS_URL set",
-        "  flask --app wsgi cloudmail send --recipients examples/recipients.csv \\",
+        "  flask --app wsgi cloudmail send --recipients examples/data/moodle_users_5k.csv \\",
         "      --subject 'Hello {{ name }}' --html examples/welcome.html",
         "",
         "Polling the queue for the Lambda handler; Ctrl-C stops.",

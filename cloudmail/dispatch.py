@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from email import errors as email_errors
 from email.utils import make_msgid, parseaddr
 
 import sqlalchemy as sa
@@ -174,6 +175,16 @@ def _hand_over(
     except DispatchError as err:
         logger.error("Batch %s of job %s: %s", info.batch_id, job.id, err, exc_info=True)
         return HandOff(refused={rid: str(err) for rid in ids if rid not in broken})
+    except Exception as err:
+        # Anything else (a provider SDK's own error, a bug) must not leave the batch
+        # claimed with its recipients queued for ever: they go back to pending and the
+        # batch fails, so resume sends them again. Known limitation: a connector that
+        # raises after handing part of the batch over gets that part sent twice.
+        get_state().db.session.rollback()
+        logger.error("Batch %s of job %s: the %s connector failed unexpectedly",
+                     info.batch_id, job.id, job.provider, exc_info=True)  # fmt: skip
+        error = f"The {job.provider} connector failed: {type(err).__name__}: {err}"
+        return HandOff(refused={rid: error for rid in ids if rid not in broken})
 
 
 def _record(batch: Batch, job: Job, handoff: HandOff, broken: dict[int, str]) -> str:
@@ -249,7 +260,9 @@ def _messages(
                     message_id=make_msgid(idstring=f"cm{job.id}.{row.id}", domain=domain),
                     unsubscribe_url=unsubscribe_url,
                 )
-            except CloudmailError as err:
+                raw = msg.as_bytes()
+            except (CloudmailError, email_errors.MessageError) as err:
+                # One recipient's data must not fail the batch: this mail alone fails.
                 broken[row.id] = str(err)
                 continue
             yield OutgoingMessage(
@@ -258,7 +271,7 @@ def _messages(
                 to=(row.email,),
                 sender=job.sender,
                 message_id=msg["Message-ID"],
-                raw=msg.as_bytes(),
+                raw=raw,
             )
             if rate:
                 # Known limitation: the send rate is paced per worker process, so N

@@ -159,8 +159,12 @@ def _existing(
 
 
 def recipient_key(address: str) -> str:
-    """The key an SES address is stored and matched under (bare, lower-cased)."""
-    return (parseaddr(address)[1] or address).strip().lower()
+    """The key an SES address is stored and matched under (bare, lower-cased).
+
+    Cut to the 320 characters an event row holds, so the stored row and the parsed
+    event agree; no address cloudmail sends to is that long.
+    """
+    return (parseaddr(address)[1] or address).strip().lower()[:320]
 
 
 # --- Receiving (store, then apply) ---

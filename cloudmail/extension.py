@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from collections.abc import Callable
@@ -320,7 +321,12 @@ def validate_config(config: dict[str, Any]) -> None:
             )
 
     rate = config["CLOUDMAIL_SEND_RATE"]
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate < 0:
+    if (
+        isinstance(rate, bool)
+        or not isinstance(rate, (int, float))
+        or not math.isfinite(rate)
+        or rate < 0
+    ):
         raise ConfigurationError(
             f"CLOUDMAIL_SEND_RATE is {rate!r}; it must be a number of mails per "
             "second, or 0 for no limit."

@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import csv
 import io
+import itertools
 import json
 import logging
 import re
@@ -40,7 +41,10 @@ _NAME_HEADERS = {"name", "fullname", "displayname", "contactname", "recipientnam
 _FIRST_HEADERS = {"firstname", "first", "givenname", "forename", "vorname", "prenom"}
 _LAST_HEADERS = {"lastname", "last", "surname", "familyname", "nachname", "nom"}
 _DELIMITERS = (",", ";", "\t", "|")
-_SPACES = re.compile(r"\s+")
+# NUL counts as a space: PostgreSQL cannot store it in a text column.
+_SPACES = re.compile(r"[\s\x00]+")
+#: The longest name and address the recipients table holds.
+_TEXT_MAX = 320
 # One encoder for every row: json.dumps with options builds a new one per call.
 _JSON = json.JSONEncoder(ensure_ascii=False, default=str)
 
@@ -98,7 +102,8 @@ class ColumnMap:
         else:
             parts = [row.get(self.first_name or ""), row.get(self.last_name or "")]
         text = _SPACES.sub(" ", " ".join(str(p) for p in parts if p)).strip()
-        return text or None
+        # The whole value stays in the row's variables; the name column is bounded.
+        return text[:_TEXT_MAX] or None
 
 
 def _header_key(header: str) -> str:
@@ -130,24 +135,68 @@ def _decoded_lines(stream: IO[bytes], encoding: str) -> Iterator[str]:
     """Yield the stream's lines decoded, naming the line of any undecodable bytes."""
     try:
         codec = codecs.lookup(encoding)
+        # str.encode refuses codecs that are not text encodings (hex, rot13...).
+        newline = "\n".encode(codec.name)
     except LookupError:
         raise RecipientImportError(
-            f"Unknown encoding {encoding!r}; use a Python codec name such as "
+            f"Unknown text encoding {encoding!r}; use a Python codec name such as "
             "'utf-8' or 'cp1252'."
         ) from None
 
-    for number, raw in enumerate(stream, start=1):
-        try:
-            text = codec.decode(raw)[0]
-        except UnicodeDecodeError as err:
-            bad = raw[err.start : err.end]
-            raise RecipientImportError(
-                f"Line {number} holds bytes ({bad!r}) that are not valid {codec.name}; "
-                "pass the file's real encoding with --encoding (e.g. cp1252)."
-            ) from None
+    if newline != b"\n":
+        # UTF-16, UTF-32...: a line break is not the byte 0x0A, so the bytes cannot be
+        # split into lines before they are decoded.
+        lines = _wide_lines(stream, codec)
+    else:
+        lines = _narrow_lines(stream, codec)
+    for number, text in enumerate(lines, start=1):
         if number == 1 and text.startswith("\ufeff"):
             text = text[1:]
         yield text
+
+
+def _narrow_lines(stream: IO[bytes], codec: codecs.CodecInfo) -> Iterator[str]:
+    for number, raw in enumerate(stream, start=1):
+        try:
+            yield codec.decode(raw)[0]
+        except UnicodeDecodeError as err:
+            raise _undecodable(number, raw, err, codec) from None
+
+
+def _wide_lines(stream: IO[bytes], codec: codecs.CodecInfo) -> Iterator[str]:
+    decoder = codec.incrementaldecoder()
+    number, pending = 0, ""
+    # A final None flushes the decoder (a truncated character is an error too).
+    for chunk in itertools.chain(iter(lambda: stream.read(1 << 16), b""), [None]):
+        try:
+            pending += decoder.decode(chunk or b"", final=chunk is None)
+        except UnicodeDecodeError as err:
+            # The line is the one after every line break decoded before the bad bytes.
+            before = err.object[: err.start].decode(codec.name, "replace")
+            line = number + pending.count("\n") + before.count("\n") + 1
+            raise _undecodable(line, err.object, err, codec) from None
+        *lines, pending = pending.split("\n")
+        for text in lines:
+            number += 1
+            yield text + "\n"
+    if pending:
+        yield pending
+
+
+def _undecodable(
+    number: int, raw: bytes, err: UnicodeDecodeError, codec: codecs.CodecInfo
+) -> RecipientImportError:
+    utf16_bom = raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+    if number == 1 and utf16_bom and not codec.name.startswith("utf-16"):
+        return RecipientImportError(
+            f"The file starts with a UTF-16 byte-order mark, so it is not "
+            f"{codec.name}; pass --encoding utf-16."
+        )
+    bad = raw[err.start : err.end]
+    return RecipientImportError(
+        f"Line {number} holds bytes ({bad!r}) that are not valid {codec.name}; "
+        "pass the file's real encoding with --encoding (e.g. cp1252)."
+    )
 
 
 def _text_lines(stream: IO[str]) -> Iterator[str]:
@@ -159,6 +208,33 @@ def _sniff_delimiter(header_line: str) -> str:
     counts = {d: header_line.count(d) for d in _DELIMITERS}
     best = max(counts, key=lambda d: counts[d])
     return best if counts[best] else ","
+
+
+def _checked_delimiter(delimiter: str) -> str:
+    if len(delimiter) != 1 or delimiter in '"\r\n\x00':
+        raise RecipientImportError(
+            f"The delimiter {delimiter!r} cannot separate fields; give one character "
+            "other than a quote or a line break, such as ';' (or leave it out to "
+            "detect it)."
+        )
+    return delimiter
+
+
+def _unique(headers: list[str]) -> list[str]:
+    """Rename a repeated header ``name`` to ``name_2``... so no column is lost."""
+    seen: set[str] = set()
+    unique = []
+    for position, header in enumerate(headers, start=1):
+        name, n = header, 1
+        while name in seen:
+            n += 1
+            name = f"{header}_{n}"
+        if name != header:
+            logger.info("Header %r repeats; column %d is read as %r", header, position,
+                        name)  # fmt: skip
+        seen.add(name)
+        unique.append(name)
+    return unique
 
 
 def read_csv(
@@ -176,8 +252,8 @@ def read_csv(
     if first is None:
         raise RecipientImportError("The recipient file is empty: it has no header row.")
 
-    sep = delimiter or _sniff_delimiter(first)
-    headers = [h.strip() for h in next(csv.reader([first], delimiter=sep))]
+    sep = _checked_delimiter(delimiter) if delimiter else _sniff_delimiter(first)
+    headers = _unique([h.strip() for h in next(csv.reader([first], delimiter=sep))])
     blanks = 0
 
     def records() -> Iterator[tuple[int, list[str]]]:
@@ -223,10 +299,10 @@ class RowBuilder:
         )
         if not verdict.ok:
             self.stats.rejected[verdict.reason or "malformed"] += 1
+            email = verdict.email.replace("\x00", "\ufffd")[:_TEXT_MAX]
             return (
-                self.job_id, None, line, verdict.email[:320], None,
-                verdict.email.lower()[:320], name, variables, "rejected",
-                verdict.reason, verdict.detail,
+                self.job_id, None, line, email, None, email.lower(), name, variables,
+                "rejected", verdict.reason, _storable(verdict.detail),
             )  # fmt: skip
 
         batch_no = self.stats.valid // self.batch_size
@@ -251,6 +327,11 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _storable(text: str | None) -> str | None:
+    """``text`` with NUL shown as U+FFFD: PostgreSQL text cannot hold NUL."""
+    return None if text is None else text.replace("\x00", "\ufffd")
+
+
 def iter_csv_rows(
     builder: RowBuilder, headers: list[str], records: Iterable[tuple[int, list[str]]]
 ) -> Iterator[tuple[Any, ...]]:
@@ -268,6 +349,11 @@ def iter_dict_rows(
 ) -> Iterator[tuple[Any, ...]]:
     """Yield the table row for each dict."""
     for line, row in enumerate(rows, start=1):
+        if not isinstance(row, Mapping):
+            raise RecipientImportError(
+                f"Recipient {line} is a {type(row).__name__}, not a dict; every "
+                "recipient must be a dict of columns."
+            )
         yield builder.build(line, row)
 
 

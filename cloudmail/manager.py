@@ -80,7 +80,11 @@ def create_job(
         reply_to if reply_to is not None else settings["reply_to"]
     )
     provider = VALIDATORS["provider"](provider or settings["provider"])
-    batch_size = VALIDATORS["batch_size"](batch_size or settings["batch_size"])
+    batch_size = VALIDATORS["batch_size"](
+        batch_size if batch_size is not None else settings["batch_size"]
+    )
+    _check_length("name", name, 200)
+    _check_length("category", category, 64)
     template = MessageTemplate(subject, html, text)
 
     session = get_state().db.session
@@ -123,6 +127,14 @@ def create_job(
     return job
 
 
+def _check_length(what: str, value: str | None, size: int) -> None:
+    if value is not None and len(value) > size:
+        raise ConfigurationError(
+            f"The job {what} {value[:40]!r}... is {len(value)} characters long; use at "
+            f"most {size}."
+        )
+
+
 def _import(
     session: Any,
     job: Job,
@@ -137,6 +149,11 @@ def _import(
         except FileNotFoundError:
             raise RecipientImportError(
                 f"Recipient file {os.fspath(source)!r} does not exist."
+            ) from None
+        except (IsADirectoryError, PermissionError) as err:
+            raise RecipientImportError(
+                f"Recipient file {os.fspath(source)!r} cannot be opened: "
+                f"{err.strerror}."
             ) from None
     if isinstance(source, (io.IOBase, io.TextIOBase)) or hasattr(source, "read"):
         return _import_csv(session, job, source, template, **options)  # type: ignore[arg-type]
@@ -289,7 +306,7 @@ def pause_job(job_id: int) -> int:
 def resume_job(job_id: int, *, progress: Callable[[int], None] | None = None) -> int:
     """Continue a paused job, or re-enqueue the batches Redis refused."""
     session = get_state().db.session
-    status = session.execute(sa.select(Job.status).where(Job.id == job_id)).scalar_one()
+    status = tracking.job_status(session, job_id)
     if status == "paused":
         tracking.move_job(session, job_id, "queued")
         session.commit()
@@ -310,6 +327,7 @@ def cancel_job(job_id: int) -> None:
 def retry_failed(job_id: int, *, progress: Callable[[int], None] | None = None) -> int:
     """Send again to the job's failed recipients only; return how many."""
     session = get_state().db.session
+    tracking.job_status(session, job_id)
     job = session.execute(sa.select(Job).where(Job.id == job_id)).scalar_one()
     ids = list(session.execute(
         sa.select(Recipient.id)

@@ -34,6 +34,9 @@ _UTF8_QP = Charset("utf-8")
 _UTF8_QP.body_encoding = QP
 _UTF8_QP.header_encoding = QP
 _IDENTIFIER = re.compile(r"[^0-9a-zA-Z_]+")
+# Every character str.splitlines() breaks on: the email package folds a header with
+# it, so a value holding any of them (not only CR and LF) could start a new header.
+_LINE_BREAKS = re.compile("[\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,8 +124,13 @@ def recipient_context(
     return context
 
 
+def has_line_break(value: str) -> bool:
+    """Whether ``value`` holds a character that would end a header line."""
+    return _LINE_BREAKS.search(value) is not None
+
+
 def _header_value(name: str, value: str | None) -> str | None:
-    if value is not None and ("\r" in value or "\n" in value):
+    if value is not None and has_line_break(value):
         raise MessageError(
             f"The {name} header would contain a line break ({value[:40]!r}...); line "
             "breaks in header values are refused to prevent header injection."

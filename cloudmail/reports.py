@@ -38,14 +38,25 @@ class ReportOutcome:
     job_finished: str | None = None
 
 
+#: The largest id the tables hold (BIGINT), and the largest attempt count (INTEGER).
+_MAX_ID = 2**63 - 1
+_MAX_ATTEMPT = 2**31 - 1
+
+
 def _parse_key(key: Any, job_id: int, rid: int) -> int:
     parts = str(key).split("-")
     if len(parts) != 4 or parts[0] != "cm" or parts[1:3] != [str(job_id), str(rid)]:
         raise WebhookError(f"Result key {key!r} does not match job {job_id}, recipient {rid}.")
-    try:
-        return int(parts[3])
-    except ValueError:
-        raise WebhookError(f"Result key {key!r} has no attempt number.") from None
+    attempt = parts[3]
+    if not attempt.isascii() or not attempt.isdigit() or int(attempt) > _MAX_ATTEMPT:
+        raise WebhookError(f"Result key {key!r} has no attempt number.")
+    return int(attempt)
+
+
+def _is_id(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return False
+    return 0 < value <= _MAX_ID
 
 
 def validate_report(report: Any) -> Mapping[str, Any]:
@@ -55,18 +66,27 @@ def validate_report(report: Any) -> Mapping[str, Any]:
     if report.get("v") != REPORT_VERSION:
         raise WebhookError(f"Report version {report.get('v')!r} is not supported; expected 1.")
     for name in ("job", "batch"):
-        if not isinstance(report.get(name), int) or isinstance(report.get(name), bool):
-            raise WebhookError(f"Report field {name!r} must be an integer id.")
+        if not _is_id(report.get(name)):
+            raise WebhookError(
+                f"Report field {name!r} is {str(report.get(name))[:40]!r}; it must be "
+                "a positive integer id."
+            )
     results = report.get("results")
     if not isinstance(results, list):
         raise WebhookError("Report field 'results' must be a list.")
     for result in results:
-        if not isinstance(result, Mapping) or not isinstance(result.get("rid"), int):
-            raise WebhookError("Every report result needs an integer 'rid'.")
+        if not isinstance(result, Mapping) or not _is_id(result.get("rid")):
+            raise WebhookError("Every report result needs a positive integer 'rid'.")
         if result.get("status") not in ("sent", "failed"):
             raise WebhookError(
                 f"Result status {result.get('status')!r} is not 'sent' or 'failed'."
             )
+        for name in ("message_id", "error_code", "error"):
+            if not isinstance(result.get(name), (str, type(None))):
+                raise WebhookError(
+                    f"Result field {name!r} of recipient {result['rid']} must be a "
+                    "string or null."
+                )
         _parse_key(result.get("key"), report["job"], result["rid"])
     return report
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from email.utils import parseaddr
 from typing import Any
@@ -17,6 +18,7 @@ from flask import current_app
 from .errors import ConfigurationError
 from .extension import PROVIDERS, get_state
 from .models import Setting
+from .rendering import has_line_break
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +48,8 @@ def _send_rate(value: Any) -> float:
         rate = float(value)
     except (TypeError, ValueError):
         rate = -1.0
-    if rate < 0:
+    # NaN compares False with everything; a worker would crash sleeping 1/NaN seconds.
+    if not math.isfinite(rate) or rate < 0:
         raise ConfigurationError(
             f"send_rate is {value!r}; use mails per second, or 0 for no limit."
         )
@@ -59,9 +62,13 @@ def _address(key: str, required: bool) -> Callable[[Any], str | None]:
             return None
 
         text = str(value or "")
-        if "\r" in text or "\n" in text or "@" not in parseaddr(text)[1]:
+        if has_line_break(text) or "@" not in parseaddr(text)[1]:
             raise ConfigurationError(
                 f"{key} is {value!r}; write an address such as 'News <news@example.com>'."
+            )
+        if len(text) > 320:
+            raise ConfigurationError(
+                f"{key} is {len(text)} characters long; use at most 320."
             )
         return text
 

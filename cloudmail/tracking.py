@@ -103,16 +103,21 @@ def move_each(
         return []
 
     table = Recipient.__table__
-    waiting: set[int] = set()
+    attempts: dict[int, int] = {}
     ids = [row["rid"] for row in rows]
     for start in range(0, len(ids), _ID_CHUNK):
-        waiting.update(session.execute(
-            sa.select(table.c.id).where(
+        attempts.update((r.id, r.attempts) for r in session.execute(
+            sa.select(table.c.id, table.c.attempts).where(
                 table.c.job_id == job_id,
                 table.c.status == source,
                 table.c.id.in_(ids[start : start + _ID_CHUNK]),
             )
-        ).scalars())  # fmt: skip
+        ))  # fmt: skip
+    # A row about an earlier attempt, or repeating a recipient, moves nothing.
+    chosen: dict[int, dict[str, Any]] = {}
+    for row in rows:
+        if attempts.get(row["rid"]) == row["attempt"]:
+            chosen.setdefault(row["rid"], row)
 
     statement = (
         sa.update(table)
@@ -128,11 +133,12 @@ def move_each(
             **{column: sa.bindparam(f"b_{column}") for column in columns},
         )
     )
-    params = [{f"b_{key}": value for key, value in row.items()} for row in rows
-              if row["rid"] in waiting]  # fmt: skip
+    params = [
+        {f"b_{key}": value for key, value in row.items()} for row in chosen.values()
+    ]
     moved = session.connection().execute(statement, params).rowcount if params else 0
     bump_counters(session, job_id, source, target, moved)
-    return [row["rid"] for row in rows if row["rid"] in waiting]
+    return list(chosen)
 
 
 def move_job(
@@ -149,7 +155,7 @@ def move_job(
     With ``strict`` a refused or lost move raises :class:`InvalidTransition`; without
     it the function returns False (for moves that may legitimately be done already).
     """
-    current = session.execute(sa.select(Job.status).where(Job.id == job_id)).scalar_one()
+    current = job_status(session, job_id)
     allowed = set(states.sources(states.JOB_TRANSITIONS, target))
     if only_from is not None:
         allowed &= set(only_from)
@@ -176,6 +182,16 @@ def move_job(
     if moved:
         logger.info("Job %s: %s -> %s", job_id, current, target)
     return bool(moved)
+
+
+def job_status(session: Session, job_id: int) -> str:
+    """The job's status; :class:`LookupError` naming the id if there is no such job."""
+    status = session.execute(
+        sa.select(Job.status).where(Job.id == job_id)
+    ).scalar_one_or_none()
+    if status is None:
+        raise LookupError(f"There is no job {job_id}.")
+    return status
 
 
 def move_batches(
@@ -215,8 +231,8 @@ def settle_batch(session: Session, batch_id: int) -> bool:
     """Mark a dispatched batch done once none of its recipients awaits an outcome."""
     batch = session.execute(
         sa.select(Batch.job_id, Batch.number, Batch.status).where(Batch.id == batch_id)
-    ).one()
-    if batch.status != "dispatched":
+    ).one_or_none()
+    if batch is None or batch.status != "dispatched":
         return False
 
     waiting = session.execute(
@@ -246,8 +262,8 @@ def settle_job(session: Session, job_id: int) -> str | None:
     """
     job = session.execute(
         sa.select(Job.status, Job.pending, Job.queued).where(Job.id == job_id)
-    ).one()
-    if job.status not in states.JOB_ACTIVE or job.pending or job.queued:
+    ).one_or_none()
+    if job is None or job.status not in states.JOB_ACTIVE or job.pending or job.queued:
         return None
 
     open_batches = session.execute(

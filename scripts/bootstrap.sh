@@ -19,7 +19,7 @@ if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ]; then
     if [ "$want" = test ]; then
         "$venv/bin/python" -m pip install -q -e ".[test]"
     else
-        "$venv/bin/python" -m pip install -q -e .
+        "$venv/bin/python" -m pip install -q -e ".[demo]"
     fi
     touch "$stamp"
 fi

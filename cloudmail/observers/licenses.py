@@ -62,7 +62,7 @@ def mail_allocation(
     subject, html, text = load_template(KIND)
     product = license.get("product") or license.get("name") or license_id
     job = manager.create_job(rows, subject=subject, html=html, text=text,
-                             name=f"License {product}: {len(rows)} seats",
+                             name=f"License {product}: {len(rows)} seat{'' if len(rows) == 1 else 's'}",
                              kind=KIND, category=CATEGORY)  # fmt: skip
     start_with_unsubscribe(job)
     return job

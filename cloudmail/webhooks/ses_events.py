@@ -69,6 +69,8 @@ _EVENT_DESTINATION_NOTICE = (
 _IDENTITY_TOPIC_NOTICE = "AmazonSnsSubscriptionSucceeded"
 
 DIAGNOSTIC_MAX_LENGTH = 500
+#: The longest message id the events and recipients tables hold.
+MESSAGE_ID_MAX_LENGTH = 255
 
 TAG_JOB = "cloudmail-job"
 TAG_BATCH = "cloudmail-batch"
@@ -138,6 +140,11 @@ def parse_ses_events(payload: str | bytes | Mapping[str, Any]) -> list[SesEvent]
     message_id = mail.get("messageId")
     if not isinstance(message_id, str) or not message_id:
         raise WebhookError(f"The SES {ses_type!r} payload has no 'mail.messageId'.")
+    if len(message_id) > MESSAGE_ID_MAX_LENGTH:
+        raise WebhookError(
+            f"The SES {ses_type!r} payload's 'mail.messageId' is {len(message_id)} "
+            f"characters long; SES ids are far below {MESSAGE_ID_MAX_LENGTH}."
+        )
 
     detail = _object(data, detail_key, required=False)
     timestamp = _parse_timestamp(detail.get("timestamp") or mail.get("timestamp"))
@@ -339,6 +346,7 @@ def _truncated(text: str | None) -> str | None:
 
 def _int_tag(tags: Mapping[str, str], name: str) -> int | None:
     value = tags.get(name, "")
-    if not value.isascii() or not value.isdigit():
+    # Ids are BIGINT: a longer number names nothing cloudmail stored.
+    if not value.isascii() or not value.isdigit() or int(value) > 2**63 - 1:
         return None
     return int(value)
