@@ -15,6 +15,8 @@ from datetime import datetime, timezone
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from .states import RECIPIENT_STATES
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -37,17 +39,7 @@ class Base(DeclarativeBase):
 
 
 #: The recipient states that have a counter column of the same name on ``Job``.
-COUNTED_STATES = (
-    "pending",
-    "queued",
-    "sent",
-    "delivered",
-    "bounced",
-    "complained",
-    "failed",
-    "rejected",
-    "suppressed",
-)
+COUNTED_STATES = RECIPIENT_STATES
 
 
 class Job(Base):

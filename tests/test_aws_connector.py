@@ -272,7 +272,7 @@ def test_900kb_mail_fails_alone_as_message_too_large(
     assert too_large.email == "u2@example.com"
     assert too_large.reason == "MessageTooLarge"
     assert too_large.error.endswith(
-        "bytes as an SQS message; SQS takes at most 1,048,576. Make the mail or its "
+        "bytes as one SQS message; SQS takes at most 1,048,576. Make the mail or its "
         "attachments smaller and retry."
     )
     counters = manager.job_summary(job.id)["counters"]

@@ -473,7 +473,7 @@ def test_an_oversized_message_fails_that_recipient_only(
         sa.select(Recipient).where(Recipient.job_id == job.id)).scalars()}  # fmt: skip
     assert rows["big@example.com"].status == "failed"
     assert rows["big@example.com"].reason == "MessageTooLarge"
-    assert "at most 127000" in rows["big@example.com"].error
+    assert "Cloudflare Queue takes at most 127,000" in rows["big@example.com"].error
     assert (
         rows["small@example.com"].status == rows["other@example.com"].status == "queued"
     )

@@ -25,8 +25,7 @@ import os
 import random
 import threading
 import time
-import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -35,10 +34,9 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from .. import reports
 from ..errors import DispatchError
 from .base import BatchInfo, Connector, HandOff, OutgoingMessage
-from .packing import Oversized, Unit, pack_units
+from .packing import Oversized, Unit, fail_oversized, pack_units, remember_keys
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +47,6 @@ SQS_MAX_BYTES = 1_048_576
 SQS_MAX_ENTRIES = 10
 
 #: The error code a recipient whose mail cannot fit in one SQS message is failed with.
-MESSAGE_TOO_LARGE = "MessageTooLarge"
 
 _session: boto3.session.Session | None = None
 _session_pid: int | None = None
@@ -161,7 +158,7 @@ class AwsConnector(Connector):
         group: list[Unit] = []
         units = pack_units(
             batch,
-            _remember_keys(messages, keys),
+            remember_keys(messages, keys),
             max_bytes=SQS_MAX_BYTES,
             configuration_set=self.configuration_set,
         )
@@ -181,7 +178,8 @@ class AwsConnector(Connector):
 
         # 2. A mail too large for any SQS message fails now, alone.
         if oversized:
-            self._fail_oversized(batch, oversized, keys)
+            fail_oversized(batch, oversized, keys, source="aws", queue="SQS",
+                           limit=SQS_MAX_BYTES)  # fmt: skip
 
         total = len(outcome.accepted) + len(outcome.refused)
         logger.info(
@@ -300,51 +298,6 @@ class AwsConnector(Connector):
         for unit in units:
             for rid in unit.recipient_ids:
                 outcome.refused[rid] = reason
-
-    def _fail_oversized(
-        self, batch: BatchInfo, oversized: list[Oversized], keys: dict[int, str]
-    ) -> None:
-        logger.warning(
-            "Batch %s of job %s: %d messages exceed the SQS size limit; failed",
-            batch.batch_id,
-            batch.job_id,
-            len(oversized),
-        )
-        reports.apply_report(
-            {
-                "v": 1,
-                "id": f"aws-{uuid.uuid4().hex}",
-                "source": "aws",
-                "job": batch.job_id,
-                "batch": batch.batch_id,
-                "results": [
-                    {
-                        "rid": item.recipient_id,
-                        "key": keys[item.recipient_id],
-                        "status": "failed",
-                        "message_id": None,
-                        "error_code": MESSAGE_TOO_LARGE,
-                        "error": _too_large(item.size),
-                    }
-                    for item in oversized
-                ],
-            }
-        )
-
-
-def _remember_keys(
-    messages: Iterable[OutgoingMessage], keys: dict[int, str]
-) -> Iterator[OutgoingMessage]:
-    for message in messages:
-        keys[message.recipient_id] = message.key
-        yield message
-
-
-def _too_large(size: int) -> str:
-    return (
-        f"The mail is {size:,} bytes as an SQS message; SQS takes at most "
-        f"{SQS_MAX_BYTES:,}. Make the mail or its attachments smaller and retry."
-    )
 
 
 def _describe(err: Exception) -> str:

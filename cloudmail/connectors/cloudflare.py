@@ -29,11 +29,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import reports
 from ..errors import ConfigurationError, DispatchError
 from ..webhooks.signing import sign_headers
 from .base import BatchInfo, Connector, HandOff, OutgoingMessage
-from .packing import Oversized, Unit, pack_units
+from .packing import Oversized, Unit, fail_oversized, pack_units, remember_keys
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +110,7 @@ class CloudflareConnector(Connector):
         handoff = HandOff()
         failure: str | None = None
         requests_sent = 0
-        for request in self._requests(batch, _remember(messages, keys), oversized):
+        for request in self._requests(batch, remember_keys(messages, keys), oversized):
             if failure is None:
                 requests_sent += 1
                 failure = self._hand_over(url, secrets, batch, request, handoff)
@@ -124,7 +123,8 @@ class CloudflareConnector(Connector):
 
         # 3. Recipients whose mail never fits a queue message fail on their own.
         if oversized:
-            self._fail_oversized(batch, oversized, keys)
+            fail_oversized(batch, oversized, keys, source="cloudflare",
+                           queue="Cloudflare Queue", limit=self.max_unit_bytes)  # fmt: skip
 
         host = urllib.parse.urlsplit(url).hostname
         handoff.provider_ref = f"cloudflare {host}: {requests_sent} requests"[:255]
@@ -266,50 +266,6 @@ class CloudflareConnector(Connector):
         if retry_after is not None:
             wait = max(wait, min(retry_after, cap))
         return wait
-
-    # -- oversized messages ------------------------------------------------------
-
-    def _fail_oversized(
-        self, batch: BatchInfo, oversized: list[Oversized], keys: dict[int, str]
-    ) -> None:
-        for item in oversized:
-            logger.warning(
-                "Batch %s of job %s: recipient %s's message is %d bytes as a unit; "
-                "a Queue message holds %d",
-                batch.batch_id, batch.job_id, item.recipient_id, item.size,
-                self.max_unit_bytes,
-            )  # fmt: skip
-        reports.apply_report({
-            "v": 1,
-            "id": f"cloudflare-{uuid.uuid4().hex}",
-            "source": "cloudflare",
-            "job": batch.job_id,
-            "batch": batch.batch_id,
-            "results": [
-                {
-                    "rid": item.recipient_id,
-                    "key": keys[item.recipient_id],
-                    "status": "failed",
-                    "message_id": None,
-                    "error_code": "MessageTooLarge",
-                    "error": (
-                        f"The message is {item.size} bytes as a queue unit; a "
-                        f"Cloudflare Queue message holds at most {self.max_unit_bytes}. "
-                        "Make the mail smaller (fewer or smaller attachments or images)."
-                    ),
-                }
-                for item in oversized
-            ],
-        })  # fmt: skip
-
-
-def _remember(
-    messages: Iterable[OutgoingMessage], keys: dict[int, str]
-) -> Iterator[OutgoingMessage]:
-    """Pass messages through, noting each recipient's idempotency key."""
-    for message in messages:
-        keys[message.recipient_id] = message.key
-        yield message
 
 
 def _secret_list(value: Any) -> list[str]:

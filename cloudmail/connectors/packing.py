@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import reports
 from .base import BatchInfo, OutgoingMessage
 
+logger = logging.getLogger(__name__)
+
 SCHEMA_VERSION = 1
+#: The error code of a recipient whose message can never fit in a queue message.
+MESSAGE_TOO_LARGE = "MessageTooLarge"
 
 
 @dataclass
@@ -110,3 +117,57 @@ def pack_units(
 
     if entries:
         yield flush()
+
+
+def remember_keys(
+    messages: Iterable[OutgoingMessage], keys: dict[int, str]
+) -> Iterator[OutgoingMessage]:
+    """Pass messages through, noting each recipient's idempotency key in ``keys``."""
+    for message in messages:
+        keys[message.recipient_id] = message.key
+        yield message
+
+
+def fail_oversized(
+    batch: BatchInfo,
+    oversized: list[Oversized],
+    keys: dict[int, str],
+    *,
+    source: str,
+    queue: str,
+    limit: int,
+) -> None:
+    """Report recipients whose message can never fit in one ``queue`` message as failed.
+
+    Retrying would not help, so they are not handed back: they end ``failed`` with
+    :data:`MESSAGE_TOO_LARGE`, through the same report path as every other outcome.
+    """
+    if not oversized:
+        return
+
+    logger.warning(
+        "Batch %s of job %s: %d messages exceed the %s limit of %d bytes; failed",
+        batch.batch_id, batch.job_id, len(oversized), queue, limit,
+    )  # fmt: skip
+    reports.apply_report({
+        "v": 1,
+        "id": f"{source}-{uuid.uuid4().hex}",
+        "source": source,
+        "job": batch.job_id,
+        "batch": batch.batch_id,
+        "results": [
+            {
+                "rid": item.recipient_id,
+                "key": keys[item.recipient_id],
+                "status": "failed",
+                "message_id": None,
+                "error_code": MESSAGE_TOO_LARGE,
+                "error": (
+                    f"The mail is {item.size:,} bytes as one {queue} message; {queue} "
+                    f"takes at most {limit:,}. Make the mail or its attachments "
+                    "smaller and retry."
+                ),
+            }
+            for item in oversized
+        ],
+    })  # fmt: skip
