@@ -100,6 +100,16 @@ def test_utf16_file_is_read_with_encoding_and_named_without(app: Flask) -> None:
     ]  # fmt: skip
 
 
+def test_long_utf16_file_is_read_across_chunks(app: Flask) -> None:
+    lines = "".join(f"user{i}@example.com,Nüm {i}\n" for i in range(4000))
+    data = ("email,name\n" + lines).encode("utf-16-be")
+
+    job = _job(data, encoding="utf-16-be")
+
+    assert (job.total, job.pending) == (4000, 4000)
+    assert _rows(job.id)[-1][:2] == ("user3999@example.com", "Nüm 3999")
+
+
 def test_utf16_file_names_the_line_of_bad_bytes(app: Flask) -> None:
     data = "email\na@example.com\n".encode("utf-16-le") + b"\x00\xd8\n\x00"
 
