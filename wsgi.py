@@ -36,10 +36,14 @@ from cloudmail import CloudMail, signals
 
 
 def create_app(config: dict | None = None) -> Flask:
-    app = Flask(__name__, instance_path=os.path.join(os.path.dirname(__file__), "instance"))
+    app = Flask(
+        __name__, instance_path=os.path.join(os.path.dirname(__file__), "instance")
+    )
     app.config.update(
         SECRET_KEY=os.environ.get("SECRET_KEY", "dev-only-not-secret"),
-        CLOUDMAIL_SENDER=os.environ.get("CLOUDMAIL_SENDER", "Demo Sender <news@example.com>"),
+        CLOUDMAIL_SENDER=os.environ.get(
+            "CLOUDMAIL_SENDER", "Demo Sender <news@example.com>"
+        ),
     )
     for key, value in os.environ.items():
         if key.startswith("CLOUDMAIL_") or key == "SQLALCHEMY_DATABASE_URI":
@@ -122,8 +126,9 @@ def _demo_admin_logged_in() -> bool:
 # re-engagement. The ``flask --app wsgi demo ...`` commands do what a real host does
 # in its views, and fire cloudmail's signals after their own commit.
 
-SAMPLE_USERS = os.path.join(os.path.dirname(__file__), "examples", "data",
-                            "moodle_users_5k.csv")  # fmt: skip
+SAMPLE_USERS = os.path.join(
+    os.path.dirname(__file__), "examples", "data", "moodle_users_5k.csv"
+)
 
 
 class DemoBase(DeclarativeBase):
@@ -142,19 +147,28 @@ class DemoUser(DemoBase):
     lastaccess: Mapped[int] = mapped_column(sa.BigInteger, default=0)
 
     def as_recipient(self) -> dict[str, object]:
-        return {"id": self.id, "email": self.email, "firstname": self.firstname,
-                "name": f"{self.firstname} {self.lastname}".strip(),
-                "institution": self.institution}  # fmt: skip
+        return {
+            "id": self.id,
+            "email": self.email,
+            "firstname": self.firstname,
+            "name": f"{self.firstname} {self.lastname}".strip(),
+            "institution": self.institution,
+        }
 
 
 def _add_demo_users(app: Flask) -> None:
     """Enable every observer and add the ``demo`` commands that fire the signals."""
-    app.config.setdefault("CLOUDMAIL_OBSERVERS", ("interceptor", "users", "licenses",
-                                                  "reengagement"))  # fmt: skip
+    app.config.setdefault(
+        "CLOUDMAIL_OBSERVERS", ("interceptor", "users", "licenses", "reengagement")
+    )
     app.config.setdefault("CLOUDMAIL_INACTIVE_USERS", _inactive_users)
-    app.config.setdefault("CLOUDMAIL_UNSUBSCRIBE_URL",
-                          "https://localhost:5000/cloudmail/unsubscribe/{token}")
-    app.config.setdefault("MAIL_BACKEND", "cloudmail.observers.interceptor.EmailBackend")
+    app.config.setdefault(
+        "CLOUDMAIL_UNSUBSCRIBE_URL",
+        "https://localhost:5000/cloudmail/unsubscribe/{token}",
+    )
+    app.config.setdefault(
+        "MAIL_BACKEND", "cloudmail.observers.interceptor.EmailBackend"
+    )
     app.config.setdefault("MAIL_DEFAULT_SENDER", app.config["CLOUDMAIL_SENDER"])
     try:
         from flask_mailman import Mail
@@ -173,9 +187,13 @@ def _session() -> Any:
 
 def _inactive_users(cutoff: datetime) -> list[dict[str, object]]:
     """The host's query for CLOUDMAIL_INACTIVE_USERS."""
-    users = _session().execute(
-        sa.select(DemoUser).where(DemoUser.lastaccess < int(cutoff.timestamp()))
-    ).scalars()
+    users = (
+        _session()
+        .execute(
+            sa.select(DemoUser).where(DemoUser.lastaccess < int(cutoff.timestamp()))
+        )
+        .scalars()
+    )
     return [user.as_recipient() for user in users]
 
 
@@ -190,9 +208,17 @@ def seed_users(path: str) -> None:
     DemoBase.metadata.create_all(session.get_bind())
     session.execute(sa.delete(DemoUser))
     with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = [{"id": int(r["id"]), "email": r["email"], "firstname": r["firstname"],
-                 "lastname": r["lastname"], "institution": r["institution"],
-                 "lastaccess": int(r["lastaccess"] or 0)} for r in csv.DictReader(f)]  # fmt: skip
+        rows = [
+            {
+                "id": int(r["id"]),
+                "email": r["email"],
+                "firstname": r["firstname"],
+                "lastname": r["lastname"],
+                "institution": r["institution"],
+                "lastaccess": int(r["lastaccess"] or 0),
+            }
+            for r in csv.DictReader(f)
+        ]
     session.execute(sa.insert(DemoUser), rows)
     session.commit()
     click.echo(f"{len(rows)} users loaded.")
@@ -205,11 +231,17 @@ def register_user(email: str, name: str) -> None:
     """Sign a user up (welcome mail)."""
     session = _session()
     first, _, last = name.partition(" ")
-    user = DemoUser(email=email, firstname=first, lastname=last, lastaccess=int(time.time()))
+    user = DemoUser(
+        email=email, firstname=first, lastname=last, lastaccess=int(time.time())
+    )
     session.add(user)
     session.commit()
-    signals.user_registered.send(current_app._get_current_object(), user_id=user.id,
-                                 email=user.email, name=name or None)  # fmt: skip
+    signals.user_registered.send(
+        current_app._get_current_object(),
+        user_id=user.id,
+        email=user.email,
+        name=name or None,
+    )
     click.echo(f"User {user.id} registered.")
 
 
@@ -221,8 +253,12 @@ def change_email(user_id: int, email: str) -> None:
     user = _session().get(DemoUser, user_id)
     old, user.email = user.email, email
     _session().commit()
-    signals.user_email_changed.send(current_app._get_current_object(), user_id=user_id,
-                                    old_email=old, new_email=email)  # fmt: skip
+    signals.user_email_changed.send(
+        current_app._get_current_object(),
+        user_id=user_id,
+        old_email=old,
+        new_email=email,
+    )
 
 
 @demo_cli.command("delete")
@@ -233,7 +269,9 @@ def delete_user(user_id: int) -> None:
     email = user.email
     _session().delete(user)
     _session().commit()
-    signals.user_deleted.send(current_app._get_current_object(), user_id=user_id, email=email)
+    signals.user_deleted.send(
+        current_app._get_current_object(), user_id=user_id, email=email
+    )
 
 
 @demo_cli.command("allocate")
@@ -242,13 +280,19 @@ def delete_user(user_id: int) -> None:
 @click.option("--seats", default=5000, show_default=True)
 def allocate(product: str, license_id: str, seats: int) -> None:
     """Give seats of a license to the first N users (one job)."""
-    users = _session().execute(sa.select(DemoUser).order_by(DemoUser.id).limit(seats)).scalars()
+    users = (
+        _session()
+        .execute(sa.select(DemoUser).order_by(DemoUser.id).limit(seats))
+        .scalars()
+    )
     signals.licenses_allocated.send(
         current_app._get_current_object(),
         users=[u.as_recipient() for u in users],
         license={"id": license_id, "product": product, "seats": seats},
-    )  # fmt: skip
-    click.echo(f"Allocated {product} ({license_id}) to up to {seats} users; see 'flask cloudmail jobs'.")
+    )
+    click.echo(
+        f"Allocated {product} ({license_id}) to up to {seats} users; see 'flask cloudmail jobs'."
+    )
 
 
 @demo_cli.command("visit")
@@ -267,13 +311,23 @@ def reset_password(user_id: int) -> None:
     """Send a password reset with Flask-Mailman, as a host does (intercepted)."""
     user = _session().get(DemoUser, user_id)
     if user is None:
-        raise click.ClickException(f"There is no demo user {user_id}; run 'demo seed-users'.")
+        raise click.ClickException(
+            f"There is no demo user {user_id}; run 'demo seed-users'."
+        )
     mailman = current_app.extensions.get("mailman")
     if mailman is None:
-        raise click.ClickException("Flask-Mailman is not installed: pip install -e '.[demo]'.")
-    mailman.send_mail("Reset your password", f"Hello {user.firstname}, your code is 4711.",
-                      None, [user.email])  # fmt: skip
-    click.echo(f"Password reset mailed to user {user_id} (intercepted into today's job).")
+        raise click.ClickException(
+            "Flask-Mailman is not installed: pip install -e '.[demo]'."
+        )
+    mailman.send_mail(
+        "Reset your password",
+        f"Hello {user.firstname}, your code is 4711.",
+        None,
+        [user.email],
+    )
+    click.echo(
+        f"Password reset mailed to user {user_id} (intercepted into today's job)."
+    )
 
 
 def _number_or_text(value: str) -> int | str:
@@ -281,4 +335,3 @@ def _number_or_text(value: str) -> int | str:
         return int(value)
     except ValueError:
         return value
-

@@ -86,15 +86,22 @@ def make_key_and_cert(folder: Path) -> tuple[bytes, Path]:
     now = dt.datetime.now(dt.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sns.amazonaws.com")])
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=2))
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=2))
         .sign(key, hashes.SHA256())
-    )  # fmt: skip
+    )
     path = folder / "sns-cert.pem"
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())  # fmt: skip
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
     return pem, path
 
 
@@ -116,24 +123,40 @@ def seed(db_url: str, recipients: int) -> tuple[int, list[tuple[int, str]]]:
     from cloudmail.models import Base
 
     app = Flask("bench-seed")
-    app.config.update(SQLALCHEMY_DATABASE_URI=db_url, CLOUDMAIL_SENDER="b@example.com",
-                      CLOUDMAIL_BATCH_SIZE=5000)  # fmt: skip
+    app.config.update(
+        SQLALCHEMY_DATABASE_URI=db_url,
+        CLOUDMAIL_SENDER="b@example.com",
+        CLOUDMAIL_BATCH_SIZE=5000,
+    )
     CloudMail(app)
     with app.app_context():
         session = get_state().db.session
         Base.metadata.create_all(get_state().db.engine)
-        job = manager.create_job(({"email": f"user{i}@example.com"} for i in range(recipients)),
-                                 subject="Hello", html="<p>Hello</p>", provider="aws")  # fmt: skip
-        session.execute(sa.text(
-            "UPDATE cloudmail_recipients SET status = 'sent', attempts = 1, "
-            "provider_message_id = 'ses-' || id WHERE job_id = :job"), {"job": job.id})  # fmt: skip
-        session.execute(sa.text("UPDATE cloudmail_jobs SET status = 'sending' WHERE id = :job"),
-                        {"job": job.id})  # fmt: skip
+        job = manager.create_job(
+            ({"email": f"user{i}@example.com"} for i in range(recipients)),
+            subject="Hello",
+            html="<p>Hello</p>",
+            provider="aws",
+        )
+        session.execute(
+            sa.text(
+                "UPDATE cloudmail_recipients SET status = 'sent', attempts = 1, "
+                "provider_message_id = 'ses-' || id WHERE job_id = :job"
+            ),
+            {"job": job.id},
+        )
+        session.execute(
+            sa.text("UPDATE cloudmail_jobs SET status = 'sending' WHERE id = :job"),
+            {"job": job.id},
+        )
         tracking.recount(session, job.id)
         session.commit()
-        rows = session.execute(sa.text(
-            "SELECT id, email FROM cloudmail_recipients WHERE job_id = :job ORDER BY id"),
-            {"job": job.id}).all()  # fmt: skip
+        rows = session.execute(
+            sa.text(
+                "SELECT id, email FROM cloudmail_recipients WHERE job_id = :job ORDER BY id"
+            ),
+            {"job": job.id},
+        ).all()
         get_state().db.engine.dispose()
         return job.id, [(r.id, r.email) for r in rows]
 
@@ -141,7 +164,9 @@ def seed(db_url: str, recipients: int) -> tuple[int, list[tuple[int, str]]]:
 # --- The event stream ---
 
 
-def plan_events(job_id: int, recipients: list[tuple[int, str]], seed_: int) -> tuple[list[dict], Counter]:
+def plan_events(
+    job_id: int, recipients: list[tuple[int, str]], seed_: int
+) -> tuple[list[dict], Counter]:
     """Events per recipient, and the state each recipient must end in."""
     rng = random.Random(seed_)
     events, expected = [], Counter()
@@ -160,9 +185,17 @@ def plan_events(job_id: int, recipients: list[tuple[int, str]], seed_: int) -> t
             kinds = [("Delivery", None, None)]
             expected["delivered"] += 1
         for kind, bounce_type, subtype in kinds:
-            events.append({"job": job_id, "rid": rid, "email": email, "type": kind,
-                           "bounce_type": bounce_type, "subtype": subtype,
-                           "sns_id": str(uuid.UUID(int=rng.getrandbits(128)))})  # fmt: skip
+            events.append(
+                {
+                    "job": job_id,
+                    "rid": rid,
+                    "email": email,
+                    "type": kind,
+                    "bounce_type": bounce_type,
+                    "subtype": subtype,
+                    "sns_id": str(uuid.UUID(int=rng.getrandbits(128))),
+                }
+            )
     rng.shuffle(events)
     duplicates = rng.sample(events, k=len(events) // 20)  # SNS redelivers about 5%
     for copy in duplicates:
@@ -172,28 +205,56 @@ def plan_events(job_id: int, recipients: list[tuple[int, str]], seed_: int) -> t
 
 def _ses_message(event: dict) -> str:
     stamp = "2026-01-05T10:00:01.000Z"
-    mail = {"timestamp": "2026-01-05T10:00:00.000Z", "source": "news@example.com",
-            "sendingAccountId": "123456789012", "messageId": f"ses-{event['rid']}",
-            "destination": [event["email"]], "headersTruncated": False,
-            "tags": {"ses:configuration-set": ["cloudmail-events"],
-                     "ses:from-domain": ["example.com"],
-                     "cloudmail-job": [str(event["job"])],
-                     "cloudmail-recipient": [str(event["rid"])]}}  # fmt: skip
+    mail = {
+        "timestamp": "2026-01-05T10:00:00.000Z",
+        "source": "news@example.com",
+        "sendingAccountId": "123456789012",
+        "messageId": f"ses-{event['rid']}",
+        "destination": [event["email"]],
+        "headersTruncated": False,
+        "tags": {
+            "ses:configuration-set": ["cloudmail-events"],
+            "ses:from-domain": ["example.com"],
+            "cloudmail-job": [str(event["job"])],
+            "cloudmail-recipient": [str(event["rid"])],
+        },
+    }
     if event["type"] == "Delivery":
-        detail = {"delivery": {"timestamp": stamp, "processingTimeMillis": 412,
-                               "recipients": [event["email"]], "smtpResponse": "250 2.0.0 OK",
-                               "reportingMTA": "a8-70.smtp-out.amazonses.com"}}  # fmt: skip
+        detail = {
+            "delivery": {
+                "timestamp": stamp,
+                "processingTimeMillis": 412,
+                "recipients": [event["email"]],
+                "smtpResponse": "250 2.0.0 OK",
+                "reportingMTA": "a8-70.smtp-out.amazonses.com",
+            }
+        }
     elif event["type"] == "Bounce":
-        detail = {"bounce": {"bounceType": event["bounce_type"],
-                             "bounceSubType": event["subtype"], "timestamp": stamp,
-                             "feedbackId": "0100018c-bench", "bouncedRecipients": [
-                                 {"emailAddress": event["email"], "action": "failed",
-                                  "status": "5.1.1",
-                                  "diagnosticCode": "smtp; 550 5.1.1 user unknown"}]}}  # fmt: skip
+        detail = {
+            "bounce": {
+                "bounceType": event["bounce_type"],
+                "bounceSubType": event["subtype"],
+                "timestamp": stamp,
+                "feedbackId": "0100018c-bench",
+                "bouncedRecipients": [
+                    {
+                        "emailAddress": event["email"],
+                        "action": "failed",
+                        "status": "5.1.1",
+                        "diagnosticCode": "smtp; 550 5.1.1 user unknown",
+                    }
+                ],
+            }
+        }
     else:
-        detail = {"complaint": {"timestamp": stamp, "feedbackId": "0100018c-complaint",
-                                "complaintFeedbackType": "abuse",
-                                "complainedRecipients": [{"emailAddress": event["email"]}]}}  # fmt: skip
+        detail = {
+            "complaint": {
+                "timestamp": stamp,
+                "feedbackId": "0100018c-complaint",
+                "complaintFeedbackType": "abuse",
+                "complainedRecipients": [{"emailAddress": event["email"]}],
+            }
+        }
     return json.dumps({"eventType": event["type"], "mail": mail, **detail})
 
 
@@ -212,16 +273,26 @@ def _sign(event: dict) -> bytes:
     from cryptography.hazmat.primitives.asymmetric import padding
 
     version = "1" if int(event["sns_id"][-1], 16) % 2 else "2"
-    message = {"Type": "Notification", "MessageId": event["sns_id"], "TopicArn": TOPIC,
-               "Subject": "Amazon SES Email Event Notification",
-               "Message": _ses_message(event), "Timestamp": "2026-01-05T10:00:02.000Z"}  # fmt: skip
-    signed = "".join(f"{name}\n{message[name]}\n" for name in
-                     ("Message", "MessageId", "Subject", "Timestamp", "TopicArn", "Type"))  # fmt: skip
+    message = {
+        "Type": "Notification",
+        "MessageId": event["sns_id"],
+        "TopicArn": TOPIC,
+        "Subject": "Amazon SES Email Event Notification",
+        "Message": _ses_message(event),
+        "Timestamp": "2026-01-05T10:00:02.000Z",
+    }
+    signed = "".join(
+        f"{name}\n{message[name]}\n"
+        for name in ("Message", "MessageId", "Subject", "Timestamp", "TopicArn", "Type")
+    )
     algorithm = hashes.SHA1() if version == "1" else hashes.SHA256()
     signature = _KEY.sign(signed.encode(), padding.PKCS1v15(), algorithm)
-    message.update(SignatureVersion=version, Signature=base64.b64encode(signature).decode(),
-                   SigningCertURL=CERT_URL,
-                   UnsubscribeURL="https://sns.eu-west-1.amazonaws.com/?Action=Unsubscribe")  # fmt: skip
+    message.update(
+        SignatureVersion=version,
+        Signature=base64.b64encode(signature).decode(),
+        SigningCertURL=CERT_URL,
+        UnsubscribeURL="https://sns.eu-west-1.amazonaws.com/?Action=Unsubscribe",
+    )
     return json.dumps(message).encode()
 
 
@@ -239,15 +310,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_gunicorn(db_url: str, cert_path: Path, port: int, workers: int, threads: int) -> subprocess.Popen:
-    env = {**os.environ, "BENCH_DB_URL": db_url, "BENCH_CERT_PATH": str(cert_path),
-           "PYTHONPATH": str(ROOT)}  # fmt: skip
+def start_gunicorn(
+    db_url: str, cert_path: Path, port: int, workers: int, threads: int
+) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "BENCH_DB_URL": db_url,
+        "BENCH_CERT_PATH": str(cert_path),
+        "PYTHONPATH": str(ROOT),
+    }
     process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "--chdir", str(HERE), "-k", "gthread",
-         "--workers", str(workers), "--threads", str(threads), "--bind", f"127.0.0.1:{port}",
-         "--log-level", "warning", "--keep-alive", "30", "bench_callbacks:served_app()"],
-        env=env, start_new_session=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "--chdir",
+            str(HERE),
+            "-k",
+            "gthread",
+            "--workers",
+            str(workers),
+            "--threads",
+            str(threads),
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--log-level",
+            "warning",
+            "--keep-alive",
+            "30",
+            "bench_callbacks:served_app()",
+        ],
+        env=env,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -259,7 +354,9 @@ def start_gunicorn(db_url: str, cert_path: Path, port: int, workers: int, thread
     raise RuntimeError("gunicorn did not start within 60 seconds")
 
 
-def run_clients(bodies: list[bytes], clients: int, send: Any) -> tuple[float, list[float], Counter]:
+def run_clients(
+    bodies: list[bytes], clients: int, send: Any
+) -> tuple[float, list[float], Counter]:
     """Post every body from ``clients`` threads; return seconds, latencies, statuses."""
     latencies: list[float] = []
     statuses: Counter = Counter()
@@ -278,7 +375,10 @@ def run_clients(bodies: list[bytes], clients: int, send: Any) -> tuple[float, li
             statuses.update(seen)
         send(state, None)
 
-    threads = [threading.Thread(target=worker, args=(bodies[i::clients],)) for i in range(clients)]
+    threads = [
+        threading.Thread(target=worker, args=(bodies[i::clients],))
+        for i in range(clients)
+    ]
     started = time.perf_counter()
     for thread in threads:
         thread.start()
@@ -288,8 +388,10 @@ def run_clients(bodies: list[bytes], clients: int, send: Any) -> tuple[float, li
 
 
 def http_sender(port: int) -> Any:
-    headers = {"Content-Type": "text/plain; charset=UTF-8",
-               "x-amz-sns-message-type": "Notification"}  # fmt: skip
+    headers = {
+        "Content-Type": "text/plain; charset=UTF-8",
+        "x-amz-sns-message-type": "Notification",
+    }
 
     def send(state: dict[str, Any], body: bytes | None) -> int:
         if body is None:
@@ -297,7 +399,9 @@ def http_sender(port: int) -> Any:
                 state["conn"].close()
             return 0
         for _ in range(3):
-            conn = state.get("conn") or http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            conn = state.get("conn") or http.client.HTTPConnection(
+                "127.0.0.1", port, timeout=60
+            )
             state["conn"] = conn
             try:
                 conn.request("POST", PATH, body=body, headers=headers)
@@ -330,50 +434,86 @@ def floor_sender(dsn: str) -> Any:
         envelope = json.loads(body)
         ses = json.loads(envelope["Message"])
         mail = ses["mail"]
-        conn.execute(statement, (envelope["MessageId"], mail["destination"][0],
-                                 ses["eventType"].lower(), mail["messageId"],
-                                 int(mail["tags"]["cloudmail-job"][0]), body.decode(),
-                                 mail["timestamp"]))  # fmt: skip
+        conn.execute(
+            statement,
+            (
+                envelope["MessageId"],
+                mail["destination"][0],
+                ses["eventType"].lower(),
+                mail["messageId"],
+                int(mail["tags"]["cloudmail-job"][0]),
+                body.decode(),
+                mail["timestamp"],
+            ),
+        )
         return 200
 
     return send
 
 
-def summary(label: str, seconds: float, latencies: list[float], statuses: Counter) -> str:
+def summary(
+    label: str, seconds: float, latencies: list[float], statuses: Counter
+) -> str:
     ordered = sorted(latencies)
     p50 = ordered[len(ordered) // 2] * 1000
     p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000
-    return (f"{label}: {len(latencies):,} events in {seconds:.1f} s = "
-            f"{len(latencies) / seconds:,.0f} events/s; latency p50 {p50:.1f} ms, "
-            f"p99 {p99:.1f} ms; statuses {dict(sorted(statuses.items()))}")
+    return (
+        f"{label}: {len(latencies):,} events in {seconds:.1f} s = "
+        f"{len(latencies) / seconds:,.0f} events/s; latency p50 {p50:.1f} ms, "
+        f"p99 {p99:.1f} ms; statuses {dict(sorted(statuses.items()))}"
+    )
 
 
 def check(dsn: str, job_id: int, expected: Counter, unique: int) -> str:
     with psycopg.connect(dsn) as conn:
-        kept = conn.execute("SELECT delivered, bounced, complained, sent FROM cloudmail_jobs "
-                            "WHERE id = %s", (job_id,)).fetchone()  # fmt: skip
-        fresh = dict(conn.execute("SELECT status, count(*) FROM cloudmail_recipients WHERE "
-                                  "job_id = %s GROUP BY status", (job_id,)).fetchall())  # fmt: skip
-        stored = conn.execute("SELECT status, count(*) FROM cloudmail_events GROUP BY status"
-                              ).fetchall()  # fmt: skip
-        floor_rows = conn.execute("SELECT count(*) FROM bench_floor_events").fetchone()[0]
+        kept = conn.execute(
+            "SELECT delivered, bounced, complained, sent FROM cloudmail_jobs "
+            "WHERE id = %s",
+            (job_id,),
+        ).fetchone()
+        fresh = dict(
+            conn.execute(
+                "SELECT status, count(*) FROM cloudmail_recipients WHERE "
+                "job_id = %s GROUP BY status",
+                (job_id,),
+            ).fetchall()
+        )
+        stored = conn.execute(
+            "SELECT status, count(*) FROM cloudmail_events GROUP BY status"
+        ).fetchall()
+        floor_rows = conn.execute("SELECT count(*) FROM bench_floor_events").fetchone()[
+            0
+        ]
     counters = dict(zip(("delivered", "bounced", "complained", "sent"), kept))
-    wanted = {"delivered": expected["delivered"], "bounced": expected["bounced"],
-              "complained": expected["complained"], "sent": 0}  # fmt: skip
+    wanted = {
+        "delivered": expected["delivered"],
+        "bounced": expected["bounced"],
+        "complained": expected["complained"],
+        "sent": 0,
+    }
     recount = {k: fresh.get(k, 0) for k in wanted}
-    ok = counters == wanted == recount and sum(n for _, n in stored) == unique == floor_rows
-    return (f"check: counters {counters}, recount {'equal' if counters == recount else recount}, "
-            f"expected {'equal' if counters == wanted else wanted}; events stored "
-            f"{dict(stored)} ({unique:,} unique posted); floor rows {floor_rows:,} -> "
-            f"{'OK' if ok else 'MISMATCH'}")
+    ok = (
+        counters == wanted == recount
+        and sum(n for _, n in stored) == unique == floor_rows
+    )
+    return (
+        f"check: counters {counters}, recount {'equal' if counters == recount else recount}, "
+        f"expected {'equal' if counters == wanted else wanted}; events stored "
+        f"{dict(stored)} ({unique:,} unique posted); floor rows {floor_rows:,} -> "
+        f"{'OK' if ok else 'MISMATCH'}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--events", type=int, default=200_000, help="about how many events")
+    parser.add_argument(
+        "--events", type=int, default=200_000, help="about how many events"
+    )
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--workers", type=int, default=3, help="gunicorn workers")
-    parser.add_argument("--threads", type=int, default=4, help="threads per gunicorn worker")
+    parser.add_argument(
+        "--threads", type=int, default=4, help="threads per gunicorn worker"
+    )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--keep", action="store_true", help="keep the database")
     args = parser.parse_args()
@@ -391,23 +531,49 @@ def main() -> None:
         key_pem, cert_path = make_key_and_cert(tmp)
         bodies = sign_all(events, key_pem)
         unique = len({e["sns_id"] for e in events})
-        print(f"setup: {recipients:,} recipients reported sent; {len(bodies):,} SNS "
-              f"notifications ({len(bodies) - unique:,} redelivered copies) signed in "
-              f"{time.perf_counter() - t0:.0f} s; expected {dict(expected)}", flush=True)
+        print(
+            f"setup: {recipients:,} recipients reported sent; {len(bodies):,} SNS "
+            f"notifications ({len(bodies) - unique:,} redelivered copies) signed in "
+            f"{time.perf_counter() - t0:.0f} s; expected {dict(expected)}",
+            flush=True,
+        )
 
         port = free_port()
         server = start_gunicorn(db_url, cert_path, port, args.workers, args.threads)
-        seconds, latencies, statuses = run_clients(bodies, args.clients, http_sender(port))
-        print(f"gunicorn {args.workers} workers x {args.threads} threads (gthread), "
-              f"{args.clients} clients, PostgreSQL, loopback", flush=True)
-        print(summary("callback route POST /cloudmail/callback/ses", seconds, latencies,
-                      statuses), flush=True)  # fmt: skip
+        seconds, latencies, statuses = run_clients(
+            bodies, args.clients, http_sender(port)
+        )
+        print(
+            f"gunicorn {args.workers} workers x {args.threads} threads (gthread), "
+            f"{args.clients} clients, PostgreSQL, loopback",
+            flush=True,
+        )
+        print(
+            summary(
+                "callback route POST /cloudmail/callback/ses",
+                seconds,
+                latencies,
+                statuses,
+            ),
+            flush=True,
+        )
 
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("CREATE TABLE bench_floor_events (LIKE cloudmail_events INCLUDING ALL)")
-        seconds, latencies, statuses = run_clients(bodies, args.clients, floor_sender(dsn))
-        print(summary("floor: one INSERT ... ON CONFLICT DO NOTHING per event", seconds,
-                      latencies, statuses), flush=True)  # fmt: skip
+            conn.execute(
+                "CREATE TABLE bench_floor_events (LIKE cloudmail_events INCLUDING ALL)"
+            )
+        seconds, latencies, statuses = run_clients(
+            bodies, args.clients, floor_sender(dsn)
+        )
+        print(
+            summary(
+                "floor: one INSERT ... ON CONFLICT DO NOTHING per event",
+                seconds,
+                latencies,
+                statuses,
+            ),
+            flush=True,
+        )
         print(check(dsn, job_id, expected, unique), flush=True)
     finally:
         if server is not None:

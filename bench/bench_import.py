@@ -34,8 +34,17 @@ def make_csv(rows: int) -> Path:
     if not path.exists():
         path.parent.mkdir(exist_ok=True)
         with open(path, "wb") as out:
-            subprocess.run([sys.executable, str(ROOT.parent / "shared/tools/make_recipients.py"),
-                            "--rows", str(rows), "--clean"], stdout=out, check=True)  # fmt: skip
+            subprocess.run(
+                [
+                    sys.executable,
+                    str(ROOT.parent / "shared/tools/make_recipients.py"),
+                    "--rows",
+                    str(rows),
+                    "--clean",
+                ],
+                stdout=out,
+                check=True,
+            )
     return path
 
 
@@ -45,10 +54,12 @@ def peak_rss_mb() -> float:
 
 def floor(csv_path: str, database: str, queue: multiprocessing.Queue) -> None:
     with psycopg.connect(f"postgresql://postgres@127.0.0.1:5432/{database}") as conn:
-        conn.execute("CREATE TABLE bare (id text, username text, email text, firstname text, "
-                     "lastname text, idnumber text, institution text, department text, "
-                     "phone1 text, city text, country text, lang text, suspended text, "
-                     "lastaccess text)")  # fmt: skip
+        conn.execute(
+            "CREATE TABLE bare (id text, username text, email text, firstname text, "
+            "lastname text, idnumber text, institution text, department text, "
+            "phone1 text, city text, country text, lang text, suspended text, "
+            "lastaccess text)"
+        )
         start = time.perf_counter()
         with (
             conn.cursor() as cur,
@@ -81,19 +92,29 @@ def cloudmail_run(csv_path: str, database: str, queue: multiprocessing.Queue) ->
         Base.metadata.create_all(get_state().db.engine)
         rq_queue = get_state().queue(app)
         start = time.perf_counter()
-        job = manager.create_job(csv_path, subject="Hello {{ firstname }}",
-                                 html="<p>Hi {{ name }} ({{ username }})</p>")  # fmt: skip
+        job = manager.create_job(
+            csv_path,
+            subject="Hello {{ firstname }}",
+            html="<p>Hi {{ name }} ({{ username }})</p>",
+        )
         imported = time.perf_counter()
         import_rss = peak_rss_mb()
         handed = manager.start_job(job.id)
         enqueued = time.perf_counter()
         rq_jobs = rq_queue.count
         rq_queue.delete(delete_jobs=True)
-        queue.put({
-            "rows": job.total, "pending": job.pending, "import_s": imported - start,
-            "import_rss_mb": import_rss, "plan_enqueue_s": enqueued - imported,
-            "batches": handed, "rq_jobs": rq_jobs, "rss_mb": peak_rss_mb(),
-        })  # fmt: skip
+        queue.put(
+            {
+                "rows": job.total,
+                "pending": job.pending,
+                "import_s": imported - start,
+                "import_rss_mb": import_rss,
+                "plan_enqueue_s": enqueued - imported,
+                "batches": handed,
+                "rq_jobs": rq_jobs,
+                "rss_mb": peak_rss_mb(),
+            }
+        )
 
 
 def run_in_child(target, *args):  # noqa: ANN001, ANN201

@@ -51,8 +51,12 @@ def free_port() -> int:
 
 def smtp_app(port: int) -> Flask:
     app = Flask("bench-smtp")
-    app.config.update(MAIL_BACKEND="smtp", MAIL_SERVER="127.0.0.1", MAIL_PORT=port,
-                      MAIL_DEFAULT_SENDER="Shop <shop@example.com>")  # fmt: skip
+    app.config.update(
+        MAIL_BACKEND="smtp",
+        MAIL_SERVER="127.0.0.1",
+        MAIL_PORT=port,
+        MAIL_DEFAULT_SENDER="Shop <shop@example.com>",
+    )
     Mail(app)
     return app
 

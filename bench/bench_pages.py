@@ -86,34 +86,68 @@ def fill(app: Flask, rows: int) -> int:
         with engine.begin() as conn:
             start = conn.execute(sa.text("SELECT now() - interval '2 hours'")).scalar()
             for i in range(200):
-                conn.execute(sa.insert(Job).values(
-                    name=f"Older job {i}", kind="bulk" if i % 3 else "observer",
-                    status="done", provider="outbox", sender="bench@example.com",
-                    subject_template="s", html_template="h", batch_size=BATCH,
-                    total=100, delivered=100,
-                ))  # fmt: skip
-            job_id = conn.execute(sa.insert(Job).values(
-                name="One million", kind="bulk", status="done", provider="outbox",
-                sender="bench@example.com", subject_template="Hello {{ name }}",
-                html_template="<p>Hello {{ name }}</p>", batch_size=BATCH,
-                started_at=start, finished_at=start + timedelta(seconds=rows * 0.0036),
-            ).returning(Job.id)).scalar_one()  # fmt: skip
+                conn.execute(
+                    sa.insert(Job).values(
+                        name=f"Older job {i}",
+                        kind="bulk" if i % 3 else "observer",
+                        status="done",
+                        provider="outbox",
+                        sender="bench@example.com",
+                        subject_template="s",
+                        html_template="h",
+                        batch_size=BATCH,
+                        total=100,
+                        delivered=100,
+                    )
+                )
+            job_id = conn.execute(
+                sa.insert(Job)
+                .values(
+                    name="One million",
+                    kind="bulk",
+                    status="done",
+                    provider="outbox",
+                    sender="bench@example.com",
+                    subject_template="Hello {{ name }}",
+                    html_template="<p>Hello {{ name }}</p>",
+                    batch_size=BATCH,
+                    started_at=start,
+                    finished_at=start + timedelta(seconds=rows * 0.0036),
+                )
+                .returning(Job.id)
+            ).scalar_one()
             began = time.perf_counter()
-            conn.execute(sa.text(FILL), {"job": job_id, "rows": rows, "batch": BATCH,
-                                         "start": start})  # fmt: skip
-            conn.execute(sa.text("""
+            conn.execute(
+                sa.text(FILL),
+                {"job": job_id, "rows": rows, "batch": BATCH, "start": start},
+            )
+            conn.execute(
+                sa.text("""
                 INSERT INTO cloudmail_batches (job_id, number, status, size, attempts,
                     provider_ref, created_at, updated_at, dispatched_at, finished_at)
                 SELECT :job, n, 'done', :batch, 1, 'bench-ref-' || n, :start, :start,
                        :start + n * interval '7 seconds', :start + n * interval '7 seconds'
                 FROM generate_series(0, :last) AS n
-            """), {"job": job_id, "batch": BATCH, "start": start,
-                   "last": (rows - 1) // BATCH})  # fmt: skip
-            counts = dict(conn.execute(sa.text(
-                "SELECT status, count(*) FROM cloudmail_recipients GROUP BY status"
-            )).all())  # fmt: skip
-            conn.execute(sa.update(Job).where(Job.id == job_id).values(
-                total=rows, **{k: v for k, v in counts.items()}))  # fmt: skip
+            """),
+                {
+                    "job": job_id,
+                    "batch": BATCH,
+                    "start": start,
+                    "last": (rows - 1) // BATCH,
+                },
+            )
+            counts = dict(
+                conn.execute(
+                    sa.text(
+                        "SELECT status, count(*) FROM cloudmail_recipients GROUP BY status"
+                    )
+                ).all()
+            )
+            conn.execute(
+                sa.update(Job)
+                .where(Job.id == job_id)
+                .values(total=rows, **{k: v for k, v in counts.items()})
+            )
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.execute(sa.text("VACUUM ANALYZE"))
         print(
@@ -130,8 +164,10 @@ def timed(label: str, call: Callable[[], object], repeat: int) -> None:
         samples.append((time.perf_counter() - began) * 1000)
     samples.sort()
     p95 = samples[min(len(samples) - 1, round(0.95 * (len(samples) - 1)))]
-    print(f"{label:<44} median {statistics.median(samples):8.1f} ms   "
-          f"p95 {p95:8.1f} ms   (n={repeat})")  # fmt: skip
+    print(
+        f"{label:<44} median {statistics.median(samples):8.1f} ms   "
+        f"p95 {p95:8.1f} ms   (n={repeat})"
+    )
 
 
 def get(client, url: str) -> Callable[[], object]:  # noqa: ANN001
@@ -155,36 +191,86 @@ def main() -> None:
     client = app.test_client()
     deep = int(args.rows * 0.9)
     with app.app_context():
-        deep_id = get_state().db.session.execute(sa.text(
-            "SELECT id FROM cloudmail_recipients WHERE job_id = :j ORDER BY id "
-            "OFFSET :n LIMIT 1"), {"j": job_id, "n": deep}).scalar_one()  # fmt: skip
-        failed_deep = get_state().db.session.execute(sa.text(
-            "SELECT id FROM cloudmail_recipients WHERE job_id = :j AND status = 'failed' "
-            "ORDER BY id OFFSET 18000 LIMIT 1"), {"j": job_id}).scalar_one()  # fmt: skip
+        deep_id = (
+            get_state()
+            .db.session.execute(
+                sa.text(
+                    "SELECT id FROM cloudmail_recipients WHERE job_id = :j ORDER BY id "
+                    "OFFSET :n LIMIT 1"
+                ),
+                {"j": job_id, "n": deep},
+            )
+            .scalar_one()
+        )
+        failed_deep = (
+            get_state()
+            .db.session.execute(
+                sa.text(
+                    "SELECT id FROM cloudmail_recipients WHERE job_id = :j AND status = 'failed' "
+                    "ORDER BY id OFFSET 18000 LIMIT 1"
+                ),
+                {"j": job_id},
+            )
+            .scalar_one()
+        )
         job = get_state().db.session.get(Job, job_id)
-        timed("chart query, uncached (1M rows)", lambda: views._compute_timeline(job),
-              max(3, args.repeat // 6))  # fmt: skip
+        timed(
+            "chart query, uncached (1M rows)",
+            lambda: views._compute_timeline(job),
+            max(3, args.repeat // 6),
+        )
 
     base = f"/cloudmail/jobs/{job_id}"
     print(f"job {job_id}: {args.rows:,} recipients; {args.repeat} requests per page")
     timed("GET /jobs (list, 201 jobs)", get(client, "/cloudmail/jobs"), args.repeat)
-    timed("GET /jobs?status=done&kind=observer", get(client, "/cloudmail/jobs?status=done&kind=observer"), args.repeat)  # fmt: skip
+    timed(
+        "GET /jobs?status=done&kind=observer",
+        get(client, "/cloudmail/jobs?status=done&kind=observer"),
+        args.repeat,
+    )
     timed("GET /jobs/<id> (detail)", get(client, base), args.repeat)
     cold = get(client, base)
-    timed("GET /jobs/<id> (detail, caches emptied)",
-          lambda: (views._cache.clear(), cold()), max(3, args.repeat // 3))  # fmt: skip
-    timed("GET /jobs/<id>/recipients (first page)", get(client, f"{base}/recipients"), args.repeat)  # fmt: skip
-    timed("GET recipients after=90% (deep page)", get(client, f"{base}/recipients?after={deep_id}"), args.repeat)  # fmt: skip
-    timed("GET recipients status=failed, deep", get(client, f"{base}/recipients?status=failed&after={failed_deep}"), args.repeat)  # fmt: skip
-    timed("GET recipients q=user09123 (search)", get(client, f"{base}/recipients?q=user09123"), args.repeat)  # fmt: skip
-    timed("GET recipients q=user0912345@example.com", get(client, f"{base}/recipients?q=user0912345@example.com"), args.repeat)  # fmt: skip
+    timed(
+        "GET /jobs/<id> (detail, caches emptied)",
+        lambda: (views._cache.clear(), cold()),
+        max(3, args.repeat // 3),
+    )
+    timed(
+        "GET /jobs/<id>/recipients (first page)",
+        get(client, f"{base}/recipients"),
+        args.repeat,
+    )
+    timed(
+        "GET recipients after=90% (deep page)",
+        get(client, f"{base}/recipients?after={deep_id}"),
+        args.repeat,
+    )
+    timed(
+        "GET recipients status=failed, deep",
+        get(client, f"{base}/recipients?status=failed&after={failed_deep}"),
+        args.repeat,
+    )
+    timed(
+        "GET recipients q=user09123 (search)",
+        get(client, f"{base}/recipients?q=user09123"),
+        args.repeat,
+    )
+    timed(
+        "GET recipients q=user0912345@example.com",
+        get(client, f"{base}/recipients?q=user0912345@example.com"),
+        args.repeat,
+    )
     timed("GET /jobs/<id>/rejects", get(client, f"{base}/rejects"), args.repeat)
     timed(
         "GET /jobs/<id>/progress.json",
         get(client, f"{base}/progress.json"),
         args.repeat,
     )
-    timed("GET /jobs/progress.json?id=<id>", get(client, f"/cloudmail/jobs/progress.json?id={job_id}"), args.repeat)  # fmt: skip
+    timed(
+        "GET /jobs/progress.json?id=<id>",
+        get(client, f"/cloudmail/jobs/progress.json?id={job_id}"),
+        args.repeat,
+    )
 
 
 if __name__ == "__main__":

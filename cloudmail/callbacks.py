@@ -35,7 +35,9 @@ REPORT_MAX_BYTES = 16 << 20
 
 def register(bp: Blueprint) -> None:
     """Add the callback routes to cloudmail's blueprint."""
-    bp.add_url_rule("/callback/report", "callback_report", report_callback, methods=["POST"])
+    bp.add_url_rule(
+        "/callback/report", "callback_report", report_callback, methods=["POST"]
+    )
     bp.add_url_rule("/callback/ses", "callback_ses", ses_callback, methods=["POST"])
 
 
@@ -56,7 +58,11 @@ def check_settings(config: Mapping[str, Any]) -> None:
         )
 
     timeout = config["CLOUDMAIL_SNS_TIMEOUT"]
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or timeout <= 0
+    ):
         raise ConfigurationError(
             f"CLOUDMAIL_SNS_TIMEOUT is {timeout!r}; it must be a positive number of "
             "seconds."
@@ -118,8 +124,12 @@ def report_callback() -> ResponseReturnValue:
 
     if outcome is None:
         return jsonify(ok=True, sent=0, failed=0, ignored=len(report["results"]))
-    return jsonify(ok=True, sent=len(outcome.sent), failed=len(outcome.failed),
-                   ignored=outcome.ignored)  # fmt: skip
+    return jsonify(
+        ok=True,
+        sent=len(outcome.sent),
+        failed=len(outcome.failed),
+        ignored=outcome.ignored,
+    )
 
 
 def ses_callback() -> ResponseReturnValue:
@@ -140,18 +150,24 @@ def ses_callback() -> ResponseReturnValue:
     try:
         message = sns.parse_sns_body(body)
     except WebhookError as err:
-        logger.warning("SNS message refused as malformed from %s: %s", request.remote_addr, err)
+        logger.warning(
+            "SNS message refused as malformed from %s: %s", request.remote_addr, err
+        )
         return _answer(400, "malformed")
 
     message_id = str(message.get("MessageId"))[:64]
     verifier = _verifier(topics)
     try:
         if message["Type"] == sns.SUBSCRIPTION_CONFIRMATION:
-            verifier.confirm_subscription(message, fetch=current_app.config["CLOUDMAIL_SNS_FETCH"])
+            verifier.confirm_subscription(
+                message, fetch=current_app.config["CLOUDMAIL_SNS_FETCH"]
+            )
             return jsonify(ok=True)
         verifier.verify(message)
     except WebhookVerificationError as err:
-        logger.warning("SNS message %s refused from %s: %s", message_id, request.remote_addr, err)
+        logger.warning(
+            "SNS message %s refused from %s: %s", message_id, request.remote_addr, err
+        )
         return _answer(403, "forbidden")
     except sns.SnsFetchError as err:
         logger.error("SNS message %s not processed: %s", message_id, err)
@@ -161,44 +177,60 @@ def ses_callback() -> ResponseReturnValue:
         return _answer(400, "malformed")
 
     if message["Type"] == sns.UNSUBSCRIBE_CONFIRMATION:
-        logger.warning("SNS topic %s: the endpoint was unsubscribed; no more SES events "
-                       "arrive until it is subscribed again", message["TopicArn"])  # fmt: skip
+        logger.warning(
+            "SNS topic %s: the endpoint was unsubscribed; no more SES events "
+            "arrive until it is subscribed again",
+            message["TopicArn"],
+        )
         return jsonify(ok=True)
 
     # 3. The SES payload it carries, then store and apply.
     try:
         parsed = ses_events.parse_ses_events(message["Message"])
     except WebhookError as err:
-        logger.warning("SNS message %s refused: its SES payload is malformed: %s", message_id, err)
+        logger.warning(
+            "SNS message %s refused: its SES payload is malformed: %s", message_id, err
+        )
         return _answer(400, "malformed")
     if not parsed:
         return jsonify(ok=True)
 
     try:
-        events.receive_ses(message["MessageId"], body.decode("utf-8", "replace"), parsed)
+        events.receive_ses(
+            message["MessageId"], body.decode("utf-8", "replace"), parsed
+        )
     except Exception:
         get_state().db.session.rollback()
-        logger.error("SNS message %s could not be applied; SNS will retry", message_id,
-                     exc_info=True)  # fmt: skip
+        logger.error(
+            "SNS message %s could not be applied; SNS will retry",
+            message_id,
+            exc_info=True,
+        )
         return _answer(500, "not processed")
     return jsonify(ok=True)
 
 
 # One verifier per app keeps its certificate cache across requests.
-_verifiers: weakref.WeakKeyDictionary[CloudmailState, tuple[tuple[Any, ...], sns.SNSVerifier]] = (
-    weakref.WeakKeyDictionary()
-)
+_verifiers: weakref.WeakKeyDictionary[
+    CloudmailState, tuple[tuple[Any, ...], sns.SNSVerifier]
+] = weakref.WeakKeyDictionary()
 _verifiers_lock = threading.Lock()
 
 
 def _verifier(topics: list[str]) -> sns.SNSVerifier:
     config = current_app.config
-    settings = (frozenset(topics), config["CLOUDMAIL_SNS_FETCH"], config["CLOUDMAIL_SNS_TIMEOUT"])
+    settings = (
+        frozenset(topics),
+        config["CLOUDMAIL_SNS_FETCH"],
+        config["CLOUDMAIL_SNS_TIMEOUT"],
+    )
     state = get_state()
     with _verifiers_lock:
         cached = _verifiers.get(state)
         if cached is None or cached[0] != settings:
-            verifier = sns.SNSVerifier(topics, fetch_cert=settings[1], timeout=settings[2])
+            verifier = sns.SNSVerifier(
+                topics, fetch_cert=settings[1], timeout=settings[2]
+            )
             _verifiers[state] = cached = (settings, verifier)
     return cached[1]
 
@@ -212,8 +244,10 @@ def _body(limit: int) -> bytes | None:
     except RequestEntityTooLarge:
         logger.warning(
             "Webhook %s refused from %s: the body is over %d bytes",
-            request.path, request.remote_addr, request.max_content_length,
-        )  # fmt: skip
+            request.path,
+            request.remote_addr,
+            request.max_content_length,
+        )
         return None
 
 

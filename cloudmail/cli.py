@@ -43,36 +43,82 @@ def _read(path: str | None) -> str | None:
 
 
 @cloudmail_cli.command("send")
-@click.option("--recipients", "recipients", required=True, type=click.Path(dir_okay=False),
-              help="CSV file of recipients.")
+@click.option(
+    "--recipients",
+    "recipients",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="CSV file of recipients.",
+)
 @click.option("--subject", required=True, help="Subject template (Jinja).")
-@click.option("--html", "html_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="HTML body template file.")
-@click.option("--text", "text_path", type=click.Path(exists=True, dir_okay=False),
-              help="Text body template file (derived from the HTML when omitted).")
-@click.option("--encoding", help="The CSV file's encoding, e.g. cp1252 (default UTF-8).")
+@click.option(
+    "--html",
+    "html_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="HTML body template file.",
+)
+@click.option(
+    "--text",
+    "text_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Text body template file (derived from the HTML when omitted).",
+)
+@click.option(
+    "--encoding", help="The CSV file's encoding, e.g. cp1252 (default UTF-8)."
+)
 @click.option("--delimiter", help="Field separator (detected when omitted).")
-@click.option("--email-column", help="Header of the address column (detected when omitted).")
-@click.option("--name-column", help="Header of the name column (detected when omitted).")
+@click.option(
+    "--email-column", help="Header of the address column (detected when omitted)."
+)
+@click.option(
+    "--name-column", help="Header of the name column (detected when omitted)."
+)
 @click.option("--name", "job_name", help="A name for the job.")
 @click.option("--batch-size", type=int, help="Recipients per batch.")
 @click.option("--category", help="Mail category (unsubscribes are per category).")
-@click.option("--unsubscribe", is_flag=True,
-              help="Add a one-click unsubscribe link (needs CLOUDMAIL_UNSUBSCRIBE_URL).")
-@click.option("--wait/--no-wait", default=True, show_default=True,
-              help="With Redis: wait for the workers and show progress.")
+@click.option(
+    "--unsubscribe",
+    is_flag=True,
+    help="Add a one-click unsubscribe link (needs CLOUDMAIL_UNSUBSCRIBE_URL).",
+)
+@click.option(
+    "--wait/--no-wait",
+    default=True,
+    show_default=True,
+    help="With Redis: wait for the workers and show progress.",
+)
 @_friendly
-def send_command(recipients: str, subject: str, html_path: str, text_path: str | None,
-                 encoding: str | None, delimiter: str | None, email_column: str | None,
-                 name_column: str | None, job_name: str | None, batch_size: int | None,
-                 category: str | None, unsubscribe: bool, wait: bool) -> None:  # fmt: skip
+def send_command(
+    recipients: str,
+    subject: str,
+    html_path: str,
+    text_path: str | None,
+    encoding: str | None,
+    delimiter: str | None,
+    email_column: str | None,
+    name_column: str | None,
+    job_name: str | None,
+    batch_size: int | None,
+    category: str | None,
+    unsubscribe: bool,
+    wait: bool,
+) -> None:
     """Create a job from a CSV file and send it."""
     job = manager.create_job(
-        recipients, subject=subject, html=_read(html_path) or "", text=_read(text_path),
-        name=job_name, encoding=encoding, delimiter=delimiter, email_column=email_column,
-        name_column=name_column, batch_size=batch_size, category=category,
+        recipients,
+        subject=subject,
+        html=_read(html_path) or "",
+        text=_read(text_path),
+        name=job_name,
+        encoding=encoding,
+        delimiter=delimiter,
+        email_column=email_column,
+        name_column=name_column,
+        batch_size=batch_size,
+        category=category,
         unsubscribe=unsubscribe,
-    )  # fmt: skip
+    )
     click.echo(f"Job {job.id}: {job.total} rows read, {job.pending} to send.", err=True)
     to_send = job.pending
     with click.progressbar(length=to_send, label="Sending", file=sys.stderr) as bar:
@@ -98,7 +144,9 @@ def send_command(recipients: str, subject: str, html_path: str, text_path: str |
 
 def _settled(job_id: int) -> int:
     counters = manager.job_summary(job_id)["counters"]
-    return sum(counters[s] for s in ("sent", "delivered", "bounced", "complained", "failed"))
+    return sum(
+        counters[s] for s in ("sent", "delivered", "bounced", "complained", "failed")
+    )
 
 
 def _uses_redis() -> bool:
@@ -108,8 +156,17 @@ def _uses_redis() -> bool:
 def _print_summary(summary: dict[str, Any]) -> None:
     c = summary["counters"]
     lines = [f"Job {summary['id']} {summary['status']}: {c['total']} rows"]
-    for state in ("sent", "delivered", "bounced", "complained", "failed", "pending",
-                  "queued", "rejected", "suppressed"):  # fmt: skip
+    for state in (
+        "sent",
+        "delivered",
+        "bounced",
+        "complained",
+        "failed",
+        "pending",
+        "queued",
+        "rejected",
+        "suppressed",
+    ):
         if c[state] or state in ("sent", "failed", "rejected"):
             lines.append(f"  {state:<11}{c[state]:>9,}")
     for reason, n in summary["rejected_by_reason"].items():
@@ -126,8 +183,13 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 @cloudmail_cli.command("jobs")
-@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1),
-              help="How many recent jobs.")
+@click.option(
+    "--limit",
+    default=20,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="How many recent jobs.",
+)
 @_friendly
 def jobs_command(limit: int) -> None:
     """List recent jobs."""
@@ -136,20 +198,28 @@ def jobs_command(limit: int) -> None:
     from .extension import get_state
     from .models import Job
 
-    rows = get_state().db.session.execute(
-        sa.select(Job).order_by(Job.id.desc()).limit(limit)
-    ).scalars()
-    click.echo(f"{'id':>5}  {'status':<9} {'kind':<13} {'provider':<10} {'total':>9} "
-               f"{'sent':>9} {'failed':>7}  name")  # fmt: skip
+    rows = (
+        get_state()
+        .db.session.execute(sa.select(Job).order_by(Job.id.desc()).limit(limit))
+        .scalars()
+    )
+    click.echo(
+        f"{'id':>5}  {'status':<9} {'kind':<13} {'provider':<10} {'total':>9} "
+        f"{'sent':>9} {'failed':>7}  name"
+    )
     for job in rows:
         sent = job.sent + job.delivered + job.bounced + job.complained
-        click.echo(f"{job.id:>5}  {job.status:<9} {job.kind:<13} {job.provider:<10} "
-                   f"{job.total:>9,} {sent:>9,} {job.failed:>7,}  {job.name}")  # fmt: skip
+        click.echo(
+            f"{job.id:>5}  {job.status:<9} {job.kind:<13} {job.provider:<10} "
+            f"{job.total:>9,} {sent:>9,} {job.failed:>7,}  {job.name}"
+        )
 
 
 @cloudmail_cli.command("status")
 @click.argument("job_id", type=int)
-@click.option("--json", "as_json", is_flag=True, help="Print the counters as one JSON object.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the counters as one JSON object."
+)
 @_friendly
 def status_command(job_id: int, as_json: bool) -> None:
     """Show a job's status and counters."""
@@ -207,8 +277,12 @@ def retry_command(job_id: int) -> None:
 
 @cloudmail_cli.command("worker")
 @click.option("--burst", is_flag=True, help="Stop when the queue is empty.")
-@click.option("--fork/--no-fork", default=True, show_default=True,
-              help="Run each batch in a forked child (RQ's Worker) or in-process.")
+@click.option(
+    "--fork/--no-fork",
+    default=True,
+    show_default=True,
+    help="Run each batch in a forked child (RQ's Worker) or in-process.",
+)
 @_friendly
 def worker_command(burst: bool, fork: bool) -> None:
     """Run an RQ worker for cloudmail's queue."""

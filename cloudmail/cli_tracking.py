@@ -27,15 +27,19 @@ suppressions_group = AppGroup("suppressions", help="Manage the suppression list.
 @_friendly
 def events_list(status: str | None, limit: int) -> None:
     """List recent events, newest first."""
-    click.echo(f"{'id':>8}  {'source':<7}{'kind':<18}{'status':<9}{'job':>7}{'rcpt':>9}  "
-               "received             error")  # fmt: skip
+    click.echo(
+        f"{'id':>8}  {'source':<7}{'kind':<18}{'status':<9}{'job':>7}{'rcpt':>9}  "
+        "received             error"
+    )
     for event in events.list_events(status, limit):
         received = (
             event.received_at.strftime("%Y-%m-%d %H:%M:%S") if event.received_at else ""
         )
-        click.echo(f"{event.id:>8}  {event.source:<7}{event.kind:<18}{event.status:<9}"
-                   f"{event.job_id or '':>7}{event.recipient_id or '':>9}  {received:<20} "
-                   f"{(event.error or '')[:60]}")  # fmt: skip
+        click.echo(
+            f"{event.id:>8}  {event.source:<7}{event.kind:<18}{event.status:<9}"
+            f"{event.job_id or '':>7}{event.recipient_id or '':>9}  {received:<20} "
+            f"{(event.error or '')[:60]}"
+        )
 
 
 @events_group.command("replay")
@@ -71,11 +75,14 @@ def events_replay(everything: bool, failed_only: bool, limit: int | None) -> Non
 @_friendly
 def suppressions_list(category: str | None, search: str | None, limit: int) -> None:
     """List suppressed addresses, newest first."""
-    for entry in suppressions.list_suppressions(category=category, search=search,
-                                                limit=limit):  # fmt: skip
+    for entry in suppressions.list_suppressions(
+        category=category, search=search, limit=limit
+    ):
         added = entry.created_at.strftime("%Y-%m-%d") if entry.created_at else ""
-        click.echo(f"{entry.email_key:<40} {entry.category or '*':<12} {entry.reason:<10} "
-                   f"{added:<10} {entry.source or ''}")  # fmt: skip
+        click.echo(
+            f"{entry.email_key:<40} {entry.category or '*':<12} {entry.reason:<10} "
+            f"{added:<10} {entry.source or ''}"
+        )
 
 
 @suppressions_group.command("add")
@@ -119,8 +126,10 @@ def suppressions_remove(address: str, category: str, all_categories: bool) -> No
 def suppressions_import(file: click.utils.LazyFile, category: str, reason: str) -> None:
     """Add the addresses of a CSV file (an 'email' column, or one address a line)."""
     outcome = suppressions.import_suppressions(file, reason=reason, category=category)  # type: ignore[arg-type]
-    click.echo(f"{outcome.added} added, {outcome.existing} already listed, "
-               f"{outcome.invalid} invalid.")  # fmt: skip
+    click.echo(
+        f"{outcome.added} added, {outcome.existing} already listed, "
+        f"{outcome.invalid} invalid."
+    )
 
 
 @suppressions_group.command("export")

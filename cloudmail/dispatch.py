@@ -53,8 +53,9 @@ def enqueue_batches(
     waiting = sa.select(Recipient.batch_no).where(
         Recipient.job_id == job_id, Recipient.status == "pending"
     )
-    tracking.move_batches(session, "failed", "pending", Batch.job_id == job_id,
-                          Batch.number.in_(waiting))  # fmt: skip
+    tracking.move_batches(
+        session, "failed", "pending", Batch.job_id == job_id, Batch.number.in_(waiting)
+    )
     ids = tracking.move_batches(session, "pending", "enqueued", Batch.job_id == job_id)
     session.commit()
     if not ids:
@@ -74,7 +75,10 @@ def enqueue_batches(
 
 def _enqueue_on(queue: Queue, job_id: int, ids: Sequence[int]) -> None:
     session = get_state().db.session
-    rq_ids = {batch_id: f"cloudmail-batch-{batch_id}-{uuid.uuid4().hex[:8]}" for batch_id in ids}
+    rq_ids = {
+        batch_id: f"cloudmail-batch-{batch_id}-{uuid.uuid4().hex[:8]}"
+        for batch_id in ids
+    }
     try:
         with queue.connection.pipeline() as pipe:
             queue.enqueue_many(
@@ -93,10 +97,17 @@ def _enqueue_on(queue: Queue, job_id: int, ids: Sequence[int]) -> None:
             # Redis until it runs.
             pipe.execute()
     except RedisError as err:
-        tracking.move_batches(session, "enqueued", "pending", Batch.id.in_(ids),
-                              values={"last_error": f"Redis refused the batch: {err}"})  # fmt: skip
+        tracking.move_batches(
+            session,
+            "enqueued",
+            "pending",
+            Batch.id.in_(ids),
+            values={"last_error": f"Redis refused the batch: {err}"},
+        )
         session.commit()
-        logger.error("Job %s: Redis refused %d batches; they stay pending", job_id, len(ids))
+        logger.error(
+            "Job %s: Redis refused %d batches; they stay pending", job_id, len(ids)
+        )
         raise DispatchError(
             f"Redis refused the batches of job {job_id} ({err}). They stay pending; "
             f"once Redis is back, run 'flask cloudmail resume {job_id}'.",
@@ -108,7 +119,9 @@ def _enqueue_on(queue: Queue, job_id: int, ids: Sequence[int]) -> None:
         [{"id": batch_id, "rq_job_id": rq_id} for batch_id, rq_id in rq_ids.items()],
     )
     session.commit()
-    logger.info("Job %s: %d batches enqueued on RQ queue %r", job_id, len(ids), queue.name)
+    logger.info(
+        "Job %s: %d batches enqueued on RQ queue %r", job_id, len(ids), queue.name
+    )
 
 
 def run_batch(batch_id: int) -> str:
@@ -123,24 +136,45 @@ def run_batch(batch_id: int) -> str:
     # 1. Claim the batch, only while its job is running.
     active = sa.select(Job.id).where(Job.status.in_(JOB_ACTIVE)).scalar_subquery()
     claimed = tracking.move_batches(
-        session, "enqueued", "dispatched", Batch.id == batch_id, Batch.job_id.in_(active),
-        values={"attempts": Batch.attempts + 1, "dispatched_at": utcnow(), "last_error": None},
-    )  # fmt: skip
+        session,
+        "enqueued",
+        "dispatched",
+        Batch.id == batch_id,
+        Batch.job_id.in_(active),
+        values={
+            "attempts": Batch.attempts + 1,
+            "dispatched_at": utcnow(),
+            "last_error": None,
+        },
+    )
     if not claimed:
         session.rollback()
-        logger.info("Batch %s: not claimable (taken, or its job is not running)", batch_id)
+        logger.info(
+            "Batch %s: not claimable (taken, or its job is not running)", batch_id
+        )
         return "skipped"
 
     batch = session.execute(sa.select(Batch).where(Batch.id == batch_id)).scalar_one()
     job = session.execute(sa.select(Job).where(Job.id == batch.job_id)).scalar_one()
-    tracking.move_job(session, job.id, "sending", only_from=("queued",), strict=False,
-                      values={"started_at": utcnow()})  # fmt: skip
+    tracking.move_job(
+        session,
+        job.id,
+        "sending",
+        only_from=("queued",),
+        strict=False,
+        values={"started_at": utcnow()},
+    )
 
     # 2. Claim its recipients: only those still pending are sent.
     ids = tracking.move_recipients(
-        session, job.id, "pending", "queued", Recipient.batch_no == batch.number,
-        values={"attempts": Recipient.attempts + 1}, returning=True,
-    )  # fmt: skip
+        session,
+        job.id,
+        "pending",
+        "queued",
+        Recipient.batch_no == batch.number,
+        values={"attempts": Recipient.attempts + 1},
+        returning=True,
+    )
     session.commit()
     logger.info("Batch %s of job %s: claimed %d recipients", batch_id, job.id, len(ids))
 
@@ -173,7 +207,9 @@ def _hand_over(
     try:
         return connector.dispatch(info, messages)
     except DispatchError as err:
-        logger.error("Batch %s of job %s: %s", info.batch_id, job.id, err, exc_info=True)
+        logger.error(
+            "Batch %s of job %s: %s", info.batch_id, job.id, err, exc_info=True
+        )
         return HandOff(refused={rid: str(err) for rid in ids if rid not in broken})
     except Exception as err:
         # Anything else (a provider SDK's own error, a bug) must not leave the batch
@@ -181,8 +217,13 @@ def _hand_over(
         # batch fails, so resume sends them again. Known limitation: a connector that
         # raises after handing part of the batch over gets that part sent twice.
         get_state().db.session.rollback()
-        logger.error("Batch %s of job %s: the %s connector failed unexpectedly",
-                     info.batch_id, job.id, job.provider, exc_info=True)  # fmt: skip
+        logger.error(
+            "Batch %s of job %s: the %s connector failed unexpectedly",
+            info.batch_id,
+            job.id,
+            job.provider,
+            exc_info=True,
+        )
         error = f"The {job.provider} connector failed: {type(err).__name__}: {err}"
         return HandOff(refused={rid: error for rid in ids if rid not in broken})
 
@@ -190,22 +231,40 @@ def _hand_over(
 def _record(batch: Batch, job: Job, handoff: HandOff, broken: dict[int, str]) -> str:
     session = get_state().db.session
     for rid, error in broken.items():
-        tracking.move_recipient_ids(session, job.id, [rid], "queued", "failed",
-                                    values={"reason": "render_error", "error": error[:2000]})  # fmt: skip
+        tracking.move_recipient_ids(
+            session,
+            job.id,
+            [rid],
+            "queued",
+            "failed",
+            values={"reason": "render_error", "error": error[:2000]},
+        )
     refused = sorted(handoff.refused)
     if refused:
         tracking.move_recipient_ids(session, job.id, refused, "queued", "pending")
         first_error = handoff.refused[refused[0]]
-        tracking.move_batches(session, "dispatched", "failed", Batch.id == batch.id,
-                              values={"last_error": first_error[:2000],
-                                      "provider_ref": handoff.provider_ref})  # fmt: skip
+        tracking.move_batches(
+            session,
+            "dispatched",
+            "failed",
+            Batch.id == batch.id,
+            values={
+                "last_error": first_error[:2000],
+                "provider_ref": handoff.provider_ref,
+            },
+        )
         logger.warning(
             "Batch %s of job %s: %d recipients not handed over; batch failed",
-            batch.id, job.id, len(refused),
+            batch.id,
+            job.id,
+            len(refused),
         )
     elif handoff.provider_ref:
-        session.execute(sa.update(Batch).where(Batch.id == batch.id)
-                        .values(provider_ref=handoff.provider_ref))  # fmt: skip
+        session.execute(
+            sa.update(Batch)
+            .where(Batch.id == batch.id)
+            .values(provider_ref=handoff.provider_ref)
+        )
 
     tracking.settle_batch(session, batch.id)
     finished = tracking.settle_job(session, job.id)
@@ -213,9 +272,14 @@ def _record(batch: Batch, job: Job, handoff: HandOff, broken: dict[int, str]) ->
     if finished:
         from . import signals
 
-        signals.job_finished.send(current_app._get_current_object(),  # type: ignore[attr-defined]
-                                  job_id=job.id, status=finished)  # fmt: skip
-    return session.execute(sa.select(Batch.status).where(Batch.id == batch.id)).scalar_one()
+        signals.job_finished.send(
+            current_app._get_current_object(),  # type: ignore[attr-defined]
+            job_id=job.id,
+            status=finished,
+        )
+    return session.execute(
+        sa.select(Batch.status).where(Batch.id == batch.id)
+    ).scalar_one()
 
 
 def _messages(
@@ -234,11 +298,19 @@ def _messages(
         return
 
     session = get_state().db.session
-    template = MessageTemplate(job.subject_template, job.html_template, job.text_template)
+    template = MessageTemplate(
+        job.subject_template, job.html_template, job.text_template
+    )
     domain = parseaddr(job.sender)[1].rpartition("@")[2] or "cloudmail.invalid"
     rate = float(settings.get("send_rate") or 0)
-    columns = (Recipient.id, Recipient.email, Recipient.email_display, Recipient.name,
-               Recipient.variables, Recipient.attempts)  # fmt: skip
+    columns = (
+        Recipient.id,
+        Recipient.email,
+        Recipient.email_display,
+        Recipient.name,
+        Recipient.variables,
+        Recipient.attempts,
+    )
     for start in range(0, len(ids), _RENDER_CHUNK):
         chunk = ids[start : start + _RENDER_CHUNK]
         rows = session.execute(
@@ -246,18 +318,27 @@ def _messages(
         ).all()
         for row in rows:
             try:
-                unsubscribe_url = recipient_url(job, row.id) if job.unsubscribe else None
-                context = recipient_context(email=row.email, display=row.email_display,
-                                            name=row.name, variables=row.variables,
-                                            extra={"unsubscribe_url": unsubscribe_url}
-                                            if unsubscribe_url else None)  # fmt: skip
+                unsubscribe_url = (
+                    recipient_url(job, row.id) if job.unsubscribe else None
+                )
+                context = recipient_context(
+                    email=row.email,
+                    display=row.email_display,
+                    name=row.name,
+                    variables=row.variables,
+                    extra={"unsubscribe_url": unsubscribe_url}
+                    if unsubscribe_url
+                    else None,
+                )
                 msg = build_message(
                     sender=job.sender,
                     to_email=row.email,
                     to_name=row.name,
                     rendered=template.render(context),
                     reply_to=job.reply_to,
-                    message_id=make_msgid(idstring=f"cm{job.id}.{row.id}", domain=domain),
+                    message_id=make_msgid(
+                        idstring=f"cm{job.id}.{row.id}", domain=domain
+                    ),
                     unsubscribe_url=unsubscribe_url,
                 )
                 raw = msg.as_bytes()

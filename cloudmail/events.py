@@ -130,9 +130,12 @@ def store(
         for row in rows
     ]
     inserted = tracking.insert_or_skip(
-        session, Event.__table__, values, ("source", "event_id", "recipient"),
+        session,
+        Event.__table__,
+        values,
+        ("source", "event_id", "recipient"),
         ("id", "recipient"),
-    )  # fmt: skip
+    )
     stored = [Stored(r.id, r.recipient, PENDING, True) for r in inserted]
     if len(stored) < len(values):
         stored.extend(
@@ -183,9 +186,16 @@ def receive_ses(
     """
     session = get_state().db.session
     by_key = {recipient_key(event.recipient): event for event in parsed}
-    rows = [{"recipient": key, "kind": event.kind, "message_id": event.message_id,
-             "job_id": event.job_id, "occurred_at": event.timestamp}
-            for key, event in by_key.items()]  # fmt: skip
+    rows = [
+        {
+            "recipient": key,
+            "kind": event.kind,
+            "message_id": event.message_id,
+            "job_id": event.job_id,
+            "occurred_at": event.timestamp,
+        }
+        for key, event in by_key.items()
+    ]
 
     done: list[tuple[Stored, _Result | None]] = []
     try:
@@ -278,8 +288,13 @@ def apply_ses(event_row_id: int, event: SesEvent) -> str:
         _record_failure(session, event_row_id, err)
         raise EventApplyError(f"Event {event_row_id} could not be applied.") from err
 
-    logger.debug("Event %s (%s, message %s): %s", event_row_id, event.kind,
-                 event.message_id, result.status)  # fmt: skip
+    logger.debug(
+        "Event %s (%s, message %s): %s",
+        event_row_id,
+        event.kind,
+        event.message_id,
+        result.status,
+    )
     if result.moved_to:
         _announce(event_row_id, event, result)
     return result.status
@@ -313,12 +328,17 @@ def apply_waiting(message_ids: Iterable[str]) -> int:
     ids = sorted(set(message_ids))
     applied = 0
     for start in range(0, len(ids), _CHUNK):
-        waiting = list(session.execute(
-            sa.select(Event.id)
-            .where(Event.message_id.in_(ids[start : start + _CHUNK]),
-                   Event.status == PENDING, Event.source == SES)
-            .order_by(Event.occurred_at, Event.id)
-        ).scalars())  # fmt: skip
+        waiting = list(
+            session.execute(
+                sa.select(Event.id)
+                .where(
+                    Event.message_id.in_(ids[start : start + _CHUNK]),
+                    Event.status == PENDING,
+                    Event.source == SES,
+                )
+                .order_by(Event.occurred_at, Event.id)
+            ).scalars()
+        )
         for event_row_id in waiting:
             # The report is committed: a failure here must not fail it. The event stays
             # failed (or pending) and a replay applies it.
@@ -326,8 +346,11 @@ def apply_waiting(message_ids: Iterable[str]) -> int:
                 applied += apply_stored(event_row_id) == APPLIED
             except Exception:
                 session.rollback()
-                logger.error("Event %s: waiting event could not be applied", event_row_id,
-                             exc_info=True)  # fmt: skip
+                logger.error(
+                    "Event %s: waiting event could not be applied",
+                    event_row_id,
+                    exc_info=True,
+                )
     return applied
 
 
@@ -363,12 +386,14 @@ def replay(
     last_id = 0
     done = 0
     while limit is None or done < limit:
-        batch = list(session.execute(
-            sa.select(Event.id)
-            .where(Event.status.in_(statuses), Event.id > last_id)
-            .order_by(Event.id)
-            .limit(_CHUNK if limit is None else min(_CHUNK, limit - done))
-        ).scalars())  # fmt: skip
+        batch = list(
+            session.execute(
+                sa.select(Event.id)
+                .where(Event.status.in_(statuses), Event.id > last_id)
+                .order_by(Event.id)
+                .limit(_CHUNK if limit is None else min(_CHUNK, limit - done))
+            ).scalars()
+        )
         session.rollback()
         if not batch:
             break
@@ -419,14 +444,25 @@ def _apply_ses(session: Session, event_row_id: int, event: SesEvent) -> _Result 
         detail = " ".join(
             filter(None, [event.bounce_type, event.bounce_subtype, event.diagnostic])
         )
-        suppressions.suppress(session, key, reason=reason, detail=detail or None,
-                              source=f"event:{event_row_id}")  # fmt: skip
+        suppressions.suppress(
+            session,
+            key,
+            reason=reason,
+            detail=detail or None,
+            source=f"event:{event_row_id}",
+        )
     target = _TARGETS.get(event.kind)
     if result.status == PENDING or result.recipient_id is None or target is None:
         return result
 
-    left = tracking.move_recipient(session, result.recipient_id, result.job_id or 0,
-                                   result.current or "", target, _values(event))  # fmt: skip
+    left = tracking.move_recipient(
+        session,
+        result.recipient_id,
+        result.job_id or 0,
+        result.current or "",
+        target,
+        _values(event),
+    )
     if left is not None:
         result.moved_to = target
     return result
@@ -435,8 +471,13 @@ def _apply_ses(session: Session, event_row_id: int, event: SesEvent) -> _Result 
 def _correlate(session: Session, event: SesEvent, key: str) -> _Result:
     """Decide which recipient an event is about, or why it waits or is ignored."""
     table = Recipient.__table__
-    columns = (table.c.id, table.c.job_id, table.c.status, table.c.email_key,
-               table.c.provider_message_id)  # fmt: skip
+    columns = (
+        table.c.id,
+        table.c.job_id,
+        table.c.status,
+        table.c.email_key,
+        table.c.provider_message_id,
+    )
     rows = session.execute(
         sa.select(*columns).where(table.c.provider_message_id == event.message_id)
     ).all()
@@ -469,9 +510,10 @@ def _correlate(session: Session, event: SesEvent, key: str) -> _Result:
 
     # Sent without a message id in its report: adopt this one.
     session.execute(
-        sa.update(table).where(table.c.id == rid, table.c.provider_message_id.is_(None))
+        sa.update(table)
+        .where(table.c.id == rid, table.c.provider_message_id.is_(None))
         .values(provider_message_id=event.message_id)
-    )  # fmt: skip
+    )
     return _Result(APPLIED, job_id=row.job_id, recipient_id=row.id, current=row.status)
 
 
@@ -513,16 +555,22 @@ def _status(session: Session, event_row_id: int) -> str:
 def _record_failure(session: Session, event_row_id: int, err: BaseException) -> None:
     """Roll back, then keep the event as ``failed`` with the error for a replay."""
     session.rollback()
-    logger.warning("Event %s could not be applied (%s); kept as failed", event_row_id,
-                   type(err).__name__)  # fmt: skip
+    logger.warning(
+        "Event %s could not be applied (%s); kept as failed",
+        event_row_id,
+        type(err).__name__,
+    )
     try:
         session.execute(
             sa.update(Event)
             .where(Event.id == event_row_id)
-            .values(status=FAILED, error=f"{type(err).__name__}: {err}"[:2000],
-                    attempts=Event.attempts + 1)
+            .values(
+                status=FAILED,
+                error=f"{type(err).__name__}: {err}"[:2000],
+                attempts=Event.attempts + 1,
+            )
             .execution_options(synchronize_session=False)
-        )  # fmt: skip
+        )
         session.commit()
     except Exception:
         session.rollback()
@@ -541,16 +589,24 @@ def _saved_ses_event(payload: str, recipient: str) -> SesEvent:
 
 def _announce(event_row_id: int, event: SesEvent, result: _Result) -> None:
     app = current_app._get_current_object()  # type: ignore[attr-defined]
-    common = {"job_id": result.job_id, "recipient_ids": [result.recipient_id],
-              "event_id": event_row_id}  # fmt: skip
+    common = {
+        "job_id": result.job_id,
+        "recipient_ids": [result.recipient_id],
+        "event_id": event_row_id,
+    }
     if result.moved_to == "delivered":
         signals.recipient_delivered.send(app, **common)
     elif result.moved_to == "bounced":
-        signals.recipient_bounced.send(app, **common, permanent=event.permanent,
-                                       bounce_type=event.bounce_type,
-                                       bounce_subtype=event.bounce_subtype)  # fmt: skip
+        signals.recipient_bounced.send(
+            app,
+            **common,
+            permanent=event.permanent,
+            bounce_type=event.bounce_type,
+            bounce_subtype=event.bounce_subtype,
+        )
     elif result.moved_to == "complained":
         signals.recipient_complained.send(app, **common, feedback_type=event.diagnostic)
     elif result.moved_to == "failed":
-        signals.recipient_failed.send(app, job_id=result.job_id,
-                                      recipient_ids=[result.recipient_id])  # fmt: skip
+        signals.recipient_failed.send(
+            app, job_id=result.job_id, recipient_ids=[result.recipient_id]
+        )

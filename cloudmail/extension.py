@@ -70,7 +70,9 @@ class CloudMail:
     own.
     """
 
-    def __init__(self, app: Flask | None = None, *, db: SQLAlchemy | None = None) -> None:
+    def __init__(
+        self, app: Flask | None = None, *, db: SQLAlchemy | None = None
+    ) -> None:
         self._db = db
         if app is not None:
             self.init_app(app)
@@ -218,7 +220,9 @@ class CloudmailState:
         if self._redis is None:
             from redis import Redis
 
-            self._redis = Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30)
+            self._redis = Redis.from_url(
+                url, socket_connect_timeout=5, socket_timeout=30
+            )
         return self._redis
 
     def queue(self, app: Flask) -> Queue | None:

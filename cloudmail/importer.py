@@ -34,9 +34,19 @@ BAD_ROW = "bad_row"
 CHUNK = 10_000
 
 _EMAIL_HEADERS = {
-    "email", "emailaddress", "mail", "mailaddress", "emailadresse", "mailadresse",
-    "courriel", "correo", "correoelectronico", "eposta", "useremail", "primaryemail",
-}  # fmt: skip
+    "email",
+    "emailaddress",
+    "mail",
+    "mailaddress",
+    "emailadresse",
+    "mailadresse",
+    "courriel",
+    "correo",
+    "correoelectronico",
+    "eposta",
+    "useremail",
+    "primaryemail",
+}
 _NAME_HEADERS = {"name", "fullname", "displayname", "contactname", "recipientname"}
 _FIRST_HEADERS = {"firstname", "first", "givenname", "forename", "vorname", "prenom"}
 _LAST_HEADERS = {"lastname", "last", "surname", "familyname", "nachname", "nom"}
@@ -49,9 +59,18 @@ _TEXT_MAX = 320
 _JSON = json.JSONEncoder(ensure_ascii=False, default=str)
 
 _COLUMNS = (
-    "job_id", "batch_no", "line", "email", "email_display", "email_key", "name",
-    "variables", "status", "reason", "error",
-)  # fmt: skip
+    "job_id",
+    "batch_no",
+    "line",
+    "email",
+    "email_display",
+    "email_key",
+    "name",
+    "variables",
+    "status",
+    "reason",
+    "error",
+)
 
 
 @dataclass
@@ -230,8 +249,9 @@ def _unique(headers: list[str]) -> list[str]:
             n += 1
             name = f"{header}_{n}"
         if name != header:
-            logger.info("Header %r repeats; column %d is read as %r", header, position,
-                        name)  # fmt: skip
+            logger.info(
+                "Header %r repeats; column %d is read as %r", header, position, name
+            )
         seen.add(name)
         unique.append(name)
     return unique
@@ -301,26 +321,52 @@ class RowBuilder:
             self.stats.rejected[verdict.reason or "malformed"] += 1
             email = verdict.email.replace("\x00", "\ufffd")[:_TEXT_MAX]
             return (
-                self.job_id, None, line, email, None, email.lower(), name, variables,
-                "rejected", verdict.reason, _storable(verdict.detail),
-            )  # fmt: skip
+                self.job_id,
+                None,
+                line,
+                email,
+                None,
+                email.lower(),
+                name,
+                variables,
+                "rejected",
+                verdict.reason,
+                _storable(verdict.detail),
+            )
 
         batch_no = self.stats.valid // self.batch_size
         self.stats.valid += 1
         return (
-            self.job_id, batch_no, line, verdict.email, verdict.display, verdict.key,
-            name, variables, "pending", None, None,
-        )  # fmt: skip
+            self.job_id,
+            batch_no,
+            line,
+            verdict.email,
+            verdict.display,
+            verdict.key,
+            name,
+            variables,
+            "pending",
+            None,
+            None,
+        )
 
     def broken(self, line: int, fields: list[str], expected: int) -> tuple[Any, ...]:
         """A row whose field count does not match the header: kept whole, rejected."""
         self.stats.rows += 1
         self.stats.rejected[BAD_ROW] += 1
         return (
-            self.job_id, None, line, "", None, "", None,
-            _JSON.encode(fields), "rejected", BAD_ROW,
+            self.job_id,
+            None,
+            line,
+            "",
+            None,
+            "",
+            None,
+            _JSON.encode(fields),
+            "rejected",
+            BAD_ROW,
             f"Expected {expected} fields, found {len(fields)}.",
-        )  # fmt: skip
+        )
 
 
 def _text(value: Any) -> str:

@@ -106,9 +106,16 @@ def create_job(
     session.add(job)
     try:
         session.flush()
-        stats = _import(session, job, recipients, template, encoding=encoding,
-                        delimiter=delimiter, email_column=email_column,
-                        name_column=name_column)  # fmt: skip
+        stats = _import(
+            session,
+            job,
+            recipients,
+            template,
+            encoding=encoding,
+            delimiter=delimiter,
+            email_column=email_column,
+            name_column=name_column,
+        )
         _reject_duplicates(session, job.id)
         _suppress(session, job.id, category)
         tracking.recount(session, job.id)
@@ -121,8 +128,12 @@ def create_job(
     session.refresh(job)
     logger.info(
         "Job %s created: %d rows, %d to send, %d rejected, %d suppressed",
-        job.id, job.total, job.pending, job.rejected, job.suppressed,
-    )  # fmt: skip
+        job.id,
+        job.total,
+        job.pending,
+        job.rejected,
+        job.suppressed,
+    )
     signals.job_created.send(_app(), job_id=job.id, kind=job.kind)
     return job
 
@@ -160,9 +171,17 @@ def _import(
     return _import_dicts(session, job, source, template, **options)
 
 
-def _import_csv(session: Any, job: Job, stream: Any, template: MessageTemplate, *,
-                encoding: str | None, delimiter: str | None, email_column: str | None,
-                name_column: str | None) -> ImportStats:  # fmt: skip
+def _import_csv(
+    session: Any,
+    job: Job,
+    stream: Any,
+    template: MessageTemplate,
+    *,
+    encoding: str | None,
+    delimiter: str | None,
+    email_column: str | None,
+    name_column: str | None,
+) -> ImportStats:
     headers, records, blank_lines = read_csv(
         stream, encoding=encoding, delimiter=delimiter
     )
@@ -174,9 +193,16 @@ def _import_csv(session: Any, job: Job, stream: Any, template: MessageTemplate, 
     return builder.stats
 
 
-def _import_dicts(session: Any, job: Job, rows: Iterable[Mapping[str, Any]],
-                  template: MessageTemplate, *, email_column: str | None,
-                  name_column: str | None, **_: Any) -> ImportStats:  # fmt: skip
+def _import_dicts(
+    session: Any,
+    job: Job,
+    rows: Iterable[Mapping[str, Any]],
+    template: MessageTemplate,
+    *,
+    email_column: str | None,
+    name_column: str | None,
+    **_: Any,
+) -> ImportStats:
     iterator = iter(rows)
     first = next(iterator, None)
     if first is None:
@@ -187,8 +213,10 @@ def _import_dicts(session: Any, job: Job, rows: Iterable[Mapping[str, Any]],
         )
     columns = ColumnMap.detect(list(first), email=email_column, name=name_column)
     builder = RowBuilder(job.id, columns, job.batch_size)
-    write_rows(session, _checked(iter_dict_rows(builder, itertools.chain([first], iterator)),
-                                 template))  # fmt: skip
+    write_rows(
+        session,
+        _checked(iter_dict_rows(builder, itertools.chain([first], iterator)), template),
+    )
     return builder.stats
 
 
@@ -201,8 +229,9 @@ def _checked(
     for row in rows:
         if not checked and row[8] == "pending":
             checked = True
-            context = recipient_context(email=row[3], display=row[4], name=row[6],
-                                        variables=row[7])  # fmt: skip
+            context = recipient_context(
+                email=row[3], display=row[4], name=row[6], variables=row[7]
+            )
             try:
                 template.render(context)
             except TemplateError as err:
@@ -231,14 +260,21 @@ def _reject_duplicates(session: Any, job_id: int) -> None:
     statement = (
         sa.update(table)
         .where(table.c.id == sa.bindparam("rid"), table.c.status == "pending")
-        .values(status="rejected", reason="duplicate", batch_no=None,
-                error=sa.bindparam("detail"))
-    )  # fmt: skip
+        .values(
+            status="rejected",
+            reason="duplicate",
+            batch_no=None,
+            error=sa.bindparam("detail"),
+        )
+    )
     for start in range(0, len(duplicates), 5000):
-        session.connection().execute(statement, [
-            {"rid": rid, "detail": f"Duplicate of line {line}."}
-            for rid, line in duplicates[start : start + 5000]
-        ])  # fmt: skip
+        session.connection().execute(
+            statement,
+            [
+                {"rid": rid, "detail": f"Duplicate of line {line}."}
+                for rid, line in duplicates[start : start + 5000]
+            ],
+        )
 
 
 def _suppress(session: Any, job_id: int, category: str | None) -> None:
@@ -246,18 +282,25 @@ def _suppress(session: Any, job_id: int, category: str | None) -> None:
     scopes = ["", category] if category else [""]
     listed = sa.select(Suppression.email_key).where(Suppression.category.in_(scopes))
     tracking.move_recipients(
-        session, job_id, "pending", "suppressed", Recipient.email_key.in_(listed),
-        values={"reason": "suppressed", "batch_no": None,
-                "error": "The address is on the suppression list."},
-    )  # fmt: skip
+        session,
+        job_id,
+        "pending",
+        "suppressed",
+        Recipient.email_key.in_(listed),
+        values={
+            "reason": "suppressed",
+            "batch_no": None,
+            "error": "The address is on the suppression list.",
+        },
+    )
 
 
 def plan_batches(job_id: int) -> int:
     """Create a batch row for every batch number that has pending recipients."""
     session = get_state().db.session
-    planned = set(session.execute(
-        sa.select(Batch.number).where(Batch.job_id == job_id)
-    ).scalars())  # fmt: skip
+    planned = set(
+        session.execute(sa.select(Batch.number).where(Batch.job_id == job_id)).scalars()
+    )
     counts = session.execute(
         sa.select(Recipient.batch_no, sa.func.count())
         .where(Recipient.job_id == job_id, Recipient.status == "pending")
@@ -329,11 +372,13 @@ def retry_failed(job_id: int, *, progress: Callable[[int], None] | None = None) 
     session = get_state().db.session
     tracking.job_status(session, job_id)
     job = session.execute(sa.select(Job).where(Job.id == job_id)).scalar_one()
-    ids = list(session.execute(
-        sa.select(Recipient.id)
-        .where(Recipient.job_id == job_id, Recipient.status == "failed")
-        .order_by(Recipient.id)
-    ).scalars())  # fmt: skip
+    ids = list(
+        session.execute(
+            sa.select(Recipient.id)
+            .where(Recipient.job_id == job_id, Recipient.status == "failed")
+            .order_by(Recipient.id)
+        ).scalars()
+    )
     if not ids:
         # Nothing failed, but a batch the connector could not wholly hand over still
         # holds pending recipients: hand those over again.
@@ -342,16 +387,30 @@ def retry_failed(job_id: int, *, progress: Callable[[int], None] | None = None) 
         return 0
 
     # Failed recipients get fresh batch numbers after the job's last batch.
-    last = session.execute(
-        sa.select(sa.func.max(Batch.number)).where(Batch.job_id == job_id)
-    ).scalar() or 0  # fmt: skip
+    last = (
+        session.execute(
+            sa.select(sa.func.max(Batch.number)).where(Batch.job_id == job_id)
+        ).scalar()
+        or 0
+    )
     for offset, start in enumerate(range(0, len(ids), job.batch_size), start=last + 1):
         chunk = ids[start : start + job.batch_size]
-        tracking.move_recipient_ids(session, job_id, chunk, "failed", "pending",
-                                    values={"batch_no": offset, "reason": None, "error": None})  # fmt: skip
+        tracking.move_recipient_ids(
+            session,
+            job_id,
+            chunk,
+            "failed",
+            "pending",
+            values={"batch_no": offset, "reason": None, "error": None},
+        )
     if job.status != "paused":
-        tracking.move_job(session, job_id, "queued", only_from=("done", "failed", "queued", "sending"),
-                          strict=job.status not in ("queued", "sending"))  # fmt: skip
+        tracking.move_job(
+            session,
+            job_id,
+            "queued",
+            only_from=("done", "failed", "queued", "sending"),
+            strict=job.status not in ("queued", "sending"),
+        )
     plan_batches(job_id)
     session.commit()
     logger.info(
@@ -402,12 +461,20 @@ def write_rejects(job_id: int, out: IO[str]) -> int:
     writer = csv.writer(out)
     writer.writerow(["line", "email", "name", "status", "reason", "detail"])
     rows = session.execute(
-        sa.select(Recipient.line, Recipient.email, Recipient.name, Recipient.status,
-                  Recipient.reason, Recipient.error)
-        .where(Recipient.job_id == job_id, Recipient.status.in_(("rejected", "suppressed")))
+        sa.select(
+            Recipient.line,
+            Recipient.email,
+            Recipient.name,
+            Recipient.status,
+            Recipient.reason,
+            Recipient.error,
+        )
+        .where(
+            Recipient.job_id == job_id, Recipient.status.in_(("rejected", "suppressed"))
+        )
         .order_by(Recipient.id)
         .execution_options(yield_per=2000)
-    )  # fmt: skip
+    )
     count = 0
     for row in rows:
         writer.writerow(["" if v is None else v for v in row])

@@ -102,7 +102,9 @@ class Batch(Base):
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    job_id: Mapped[int] = mapped_column(sa.ForeignKey("cloudmail_jobs.id", ondelete="CASCADE"))
+    job_id: Mapped[int] = mapped_column(
+        sa.ForeignKey("cloudmail_jobs.id", ondelete="CASCADE")
+    )
     number: Mapped[int] = mapped_column(sa.Integer)
     status: Mapped[str] = mapped_column(sa.String(16), default="pending")
     size: Mapped[int] = mapped_column(sa.Integer, default=0)
@@ -131,7 +133,9 @@ class Recipient(Base):
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    job_id: Mapped[int] = mapped_column(sa.ForeignKey("cloudmail_jobs.id", ondelete="CASCADE"))
+    job_id: Mapped[int] = mapped_column(
+        sa.ForeignKey("cloudmail_jobs.id", ondelete="CASCADE")
+    )
     batch_no: Mapped[int | None] = mapped_column(sa.Integer)
     line: Mapped[int | None] = mapped_column(sa.Integer)
     #: The address as sent (ASCII; an internationalised domain in punycode). For a

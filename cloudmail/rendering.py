@@ -169,7 +169,9 @@ def build_message(
     # million recipients that is the difference between minutes and an hour.
     # An explicit boundary spares the generator a regex compiled per message; a
     # random 128-bit value cannot occur in the bodies by accident.
-    msg = MIMEMultipart("alternative", boundary=f"=_cm_{uuid.uuid4().hex}", policy=_POLICY)
+    msg = MIMEMultipart(
+        "alternative", boundary=f"=_cm_{uuid.uuid4().hex}", policy=_POLICY
+    )
     msg["From"] = _address_header(sender)
     msg["To"] = formataddr((to_name or "", to_email), charset="utf-8")
     msg["Subject"] = _encoded(rendered.subject, "Subject")

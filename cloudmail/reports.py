@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import sqlalchemy as sa
 from flask import current_app
 
 from . import events, signals, tracking
@@ -46,7 +45,9 @@ _MAX_ATTEMPT = 2**31 - 1
 def _parse_key(key: Any, job_id: int, rid: int) -> int:
     parts = str(key).split("-")
     if len(parts) != 4 or parts[0] != "cm" or parts[1:3] != [str(job_id), str(rid)]:
-        raise WebhookError(f"Result key {key!r} does not match job {job_id}, recipient {rid}.")
+        raise WebhookError(
+            f"Result key {key!r} does not match job {job_id}, recipient {rid}."
+        )
     attempt = parts[3]
     if not attempt.isascii() or not attempt.isdigit() or int(attempt) > _MAX_ATTEMPT:
         raise WebhookError(f"Result key {key!r} has no attempt number.")
@@ -64,7 +65,9 @@ def validate_report(report: Any) -> Mapping[str, Any]:
     if not isinstance(report, Mapping):
         raise WebhookError("A report must be a JSON object.")
     if report.get("v") != REPORT_VERSION:
-        raise WebhookError(f"Report version {report.get('v')!r} is not supported; expected 1.")
+        raise WebhookError(
+            f"Report version {report.get('v')!r} is not supported; expected 1."
+        )
     for name in ("job", "batch"):
         if not _is_id(report.get(name)):
             raise WebhookError(
@@ -125,15 +128,22 @@ def apply_report(report: Mapping[str, Any]) -> ReportOutcome:
 
     logger.info(
         "Report %s for batch %s of job %s: %d sent, %d failed, %d already applied",
-        report.get("id"), batch_id, job_id,
-        len(outcome.sent), len(outcome.failed), outcome.ignored,
-    )  # fmt: skip
+        report.get("id"),
+        batch_id,
+        job_id,
+        len(outcome.sent),
+        len(outcome.failed),
+        outcome.ignored,
+    )
     _announce(job_id, outcome)
 
     # SES events that came before this report can now find their recipients.
     moved = set(outcome.sent)
-    recorded = [row["provider_message_id"] for row in sent
-                if row["rid"] in moved and row["provider_message_id"]]  # fmt: skip
+    recorded = [
+        row["provider_message_id"]
+        for row in sent
+        if row["rid"] in moved and row["provider_message_id"]
+    ]
     if recorded:
         events.apply_waiting(recorded)
     return outcome
@@ -153,5 +163,3 @@ def _clip(value: Any, size: int) -> str | None:
     if value is None:
         return None
     return str(value)[:size]
-
-

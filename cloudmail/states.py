@@ -104,7 +104,9 @@ def sources(machine: Mapping[str, frozenset[str]], target: str) -> tuple[str, ..
     return tuple(sorted(s for s, targets in machine.items() if target in targets))
 
 
-def recipient_sources(target: str, among: Iterable[str] | None = None) -> tuple[str, ...]:
+def recipient_sources(
+    target: str, among: Iterable[str] | None = None
+) -> tuple[str, ...]:
     """The recipient states that may move to ``target`` (optionally within ``among``)."""
     found = sources(RECIPIENT_TRANSITIONS, target)
     if among is None:

@@ -113,9 +113,13 @@ def add_suppression(
     """Put ``address`` on the list and commit; False when it was already there."""
     session = get_state().db.session
     added = suppress(
-        session, address_key(address), reason=reason, category=category,
-        detail=detail, source=source,
-    )  # fmt: skip
+        session,
+        address_key(address),
+        reason=reason,
+        category=category,
+        detail=detail,
+        source=source,
+    )
     session.commit()
     return added
 
@@ -155,14 +159,16 @@ def import_suppressions(
         except ValueError:
             outcome.invalid += 1
             continue
-        rows.append({
-            "email_key": key,
-            "category": record.get("category") or category,
-            "reason": (record.get("reason") or reason)[:32],
-            "detail": record.get("detail") or None,
-            "source": (record.get("source") or IMPORTED)[:64],
-            "created_at": utcnow(),
-        })  # fmt: skip
+        rows.append(
+            {
+                "email_key": key,
+                "category": record.get("category") or category,
+                "reason": (record.get("reason") or reason)[:32],
+                "detail": record.get("detail") or None,
+                "source": (record.get("source") or IMPORTED)[:64],
+                "created_at": utcnow(),
+            }
+        )
 
     # One key may appear twice in a file; the database keeps the first.
     first: dict[tuple[str, str], dict[str, Any]] = {}
@@ -180,8 +186,10 @@ def import_suppressions(
     session.commit()
     logger.info(
         "Suppressions imported: %d added, %d already listed, %d invalid",
-        outcome.added, outcome.existing, outcome.invalid,
-    )  # fmt: skip
+        outcome.added,
+        outcome.existing,
+        outcome.invalid,
+    )
     return outcome
 
 
@@ -195,10 +203,16 @@ def export_suppressions(out: IO[str], *, category: str | None = None) -> int:
     writer.writerow(EXPORT_COLUMNS)
     count = 0
     for entry in session.execute(query.execution_options(yield_per=2000)).scalars():
-        writer.writerow([
-            entry.email_key, entry.category, entry.reason, entry.detail or "",
-            entry.source or "", entry.created_at.isoformat() if entry.created_at else "",
-        ])  # fmt: skip
+        writer.writerow(
+            [
+                entry.email_key,
+                entry.category,
+                entry.reason,
+                entry.detail or "",
+                entry.source or "",
+                entry.created_at.isoformat() if entry.created_at else "",
+            ]
+        )
         count += 1
     return count
 
@@ -212,7 +226,7 @@ def _records(stream: IO[str]) -> Iterable[dict[str, str]]:
     header = [cell.strip().lower().lstrip("\ufeff") for cell in first]
     if "email" in header:
         for cells in reader:
-            record = dict(zip(header, (c.strip() for c in cells)))
+            record = dict(zip(header, (c.strip() for c in cells), strict=False))
             if record.get("email"):
                 yield record
         return

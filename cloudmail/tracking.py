@@ -23,7 +23,9 @@ logger = logging.getLogger(__name__)
 _ID_CHUNK = 500
 
 
-def bump_counters(session: Session, job_id: int, source: str, target: str, n: int) -> None:
+def bump_counters(
+    session: Session, job_id: int, source: str, target: str, n: int
+) -> None:
     """Move ``n`` from the ``source`` counter of a job to its ``target`` counter."""
     if n <= 0:
         return
@@ -106,13 +108,16 @@ def move_each(
     attempts: dict[int, int] = {}
     ids = [row["rid"] for row in rows]
     for start in range(0, len(ids), _ID_CHUNK):
-        attempts.update((r.id, r.attempts) for r in session.execute(
-            sa.select(table.c.id, table.c.attempts).where(
-                table.c.job_id == job_id,
-                table.c.status == source,
-                table.c.id.in_(ids[start : start + _ID_CHUNK]),
+        attempts.update(
+            (r.id, r.attempts)
+            for r in session.execute(
+                sa.select(table.c.id, table.c.attempts).where(
+                    table.c.job_id == job_id,
+                    table.c.status == source,
+                    table.c.id.in_(ids[start : start + _ID_CHUNK]),
+                )
             )
-        ))  # fmt: skip
+        )
     # A row about an earlier attempt, or repeating a recipient, moves nothing.
     chosen: dict[int, dict[str, Any]] = {}
     for row in rows:
@@ -248,9 +253,14 @@ def settle_batch(session: Session, batch_id: int) -> bool:
         return False
 
     return bool(
-        move_batches(session, "dispatched", "done", Batch.id == batch_id,
-                     values={"finished_at": utcnow()})
-    )  # fmt: skip
+        move_batches(
+            session,
+            "dispatched",
+            "done",
+            Batch.id == batch_id,
+            values={"finished_at": utcnow()},
+        )
+    )
 
 
 def settle_job(session: Session, job_id: int) -> str | None:
@@ -269,12 +279,17 @@ def settle_job(session: Session, job_id: int) -> str | None:
     open_batches = session.execute(
         sa.select(sa.func.count())
         .select_from(Batch)
-        .where(Batch.job_id == job_id, Batch.status.in_(("pending", "enqueued", "dispatched")))
+        .where(
+            Batch.job_id == job_id,
+            Batch.status.in_(("pending", "enqueued", "dispatched")),
+        )
     ).scalar_one()
     if open_batches:
         return None
 
-    if move_job(session, job_id, "done", strict=False, values={"finished_at": utcnow()}):
+    if move_job(
+        session, job_id, "done", strict=False, values={"finished_at": utcnow()}
+    ):
         return "done"
     return None
 
@@ -316,7 +331,9 @@ def move_recipient(
             return None
         current = found
 
-    logger.warning("Recipient %s kept changing state; %r not applied", recipient_id, target)
+    logger.warning(
+        "Recipient %s kept changing state; %r not applied", recipient_id, target
+    )
     return None
 
 
@@ -347,8 +364,10 @@ def insert_or_skip(
             "SQLite (set SQLALCHEMY_DATABASE_URI to one of them)."
         )
 
-    statement = insert(table).values(list(rows)).on_conflict_do_nothing(
-        index_elements=list(conflict)
+    statement = (
+        insert(table)
+        .values(list(rows))
+        .on_conflict_do_nothing(index_elements=list(conflict))
     )
     if not returning:
         session.execute(statement)

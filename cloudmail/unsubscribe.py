@@ -33,8 +33,12 @@ _SALT = "cloudmail-unsubscribe"
 
 def register(bp: Blueprint) -> None:
     """Add the unsubscribe route to cloudmail's blueprint."""
-    bp.add_url_rule("/unsubscribe/<token>", "public_unsubscribe", unsubscribe_page,
-                    methods=["GET", "POST"])  # fmt: skip
+    bp.add_url_rule(
+        "/unsubscribe/<token>",
+        "public_unsubscribe",
+        unsubscribe_page,
+        methods=["GET", "POST"],
+    )
 
 
 def scope(job: Job) -> str:
@@ -70,8 +74,9 @@ def recipient_url(job: Job, recipient_id: int) -> str:
             "set it to 'https://<host>/cloudmail/unsubscribe/{token}' (or set SERVER_NAME).",
             job_id=job.id,
         )
-    return url_for("cloudmail.public_unsubscribe", token=token, _external=True,
-                   _scheme="https")  # fmt: skip
+    return url_for(
+        "cloudmail.public_unsubscribe", token=token, _external=True, _scheme="https"
+    )
 
 
 def _serializer() -> URLSafeSerializer:
@@ -102,9 +107,14 @@ def unsubscribe_page(token: str) -> ResponseReturnValue:
         return render_template("cloudmail/unsubscribe.html", **context)
 
     session = get_state().db.session
-    suppress(session, recipient.email_key, reason="unsubscribe", category=category,
-             detail=f"One-click unsubscribe, recipient {recipient.id}",
-             source="unsubscribe")  # fmt: skip
+    suppress(
+        session,
+        recipient.email_key,
+        reason="unsubscribe",
+        category=category,
+        detail=f"One-click unsubscribe, recipient {recipient.id}",
+        source="unsubscribe",
+    )
     session.commit()
     logger.info("Recipient %s unsubscribed from %r", recipient.id, category)
     return render_template("cloudmail/unsubscribe_done.html", **context)

@@ -57,9 +57,15 @@ PUBLIC_ENDPOINTS = ("cloudmail.callback", "cloudmail.public_")
 JOB_KINDS = ("bulk", "transactional", "observer")
 #: The segments of a progress bar, in the order they are drawn.
 OUTCOMES = (
-    "delivered", "sent", "bounced", "complained", "failed", "rejected", "suppressed",
+    "delivered",
+    "sent",
+    "bounced",
+    "complained",
+    "failed",
+    "rejected",
+    "suppressed",
     "waiting",
-)  # fmt: skip
+)
 #: Recipient states the over-time chart counts (where a recipient's mail ended up).
 CHART_STATES = ("delivered", "sent", "bounced", "complained", "failed")
 #: Job states in which the pages poll for progress.
@@ -81,18 +87,27 @@ class Action:
 
 
 ACTIONS = {
-    "start": Action("Start sending", "Send job #{id} to its {pending:,} recipients?",
-                    ("draft",)),
-    "pause": Action("Pause", "Pause job #{id}? Batches already with a worker finish.",
-                    ("queued", "sending")),
+    "start": Action(
+        "Start sending", "Send job #{id} to its {pending:,} recipients?", ("draft",)
+    ),
+    "pause": Action(
+        "Pause",
+        "Pause job #{id}? Batches already with a worker finish.",
+        ("queued", "sending"),
+    ),
     "resume": Action("Resume", "Resume sending job #{id}?", ("paused",)),
-    "cancel": Action("Cancel job", "Cancel job #{id}? No more of its mail is sent; "
-                     "this cannot be undone.", ("draft", "queued", "sending", "paused",
-                                                "failed"), danger=True),
-    "retry": Action("Retry failed recipients", "Send job #{id} again to its {failed:,} "
-                    "failed recipients?", ("done", "failed", "queued", "sending",
-                                           "paused")),
-}  # fmt: skip
+    "cancel": Action(
+        "Cancel job",
+        "Cancel job #{id}? No more of its mail is sent; this cannot be undone.",
+        ("draft", "queued", "sending", "paused", "failed"),
+        danger=True,
+    ),
+    "retry": Action(
+        "Retry failed recipients",
+        "Send job #{id} again to its {failed:,} failed recipients?",
+        ("done", "failed", "queued", "sending", "paused"),
+    ),
+}
 
 
 def make_blueprint() -> Blueprint:
@@ -363,8 +378,12 @@ def _previews(job: Job) -> list[dict[str, Any]]:
         return [{"recipient": None, "error": str(err)}]
 
     for row in rows:
-        context = recipient_context(email=row.email, display=row.email_display,
-                                    name=row.name, variables=row.variables)  # fmt: skip
+        context = recipient_context(
+            email=row.email,
+            display=row.email_display,
+            name=row.name,
+            variables=row.variables,
+        )
         try:
             previews.append({"recipient": row, "rendered": template.render(context)})
         except CloudmailError as err:
@@ -508,14 +527,22 @@ def recipients_page(job_id: int) -> ResponseReturnValue:
 def _recipient_rows(job_id: int, after: int | None) -> sa.Select:
     query = (
         sa.select(
-            Recipient.id, Recipient.line, Recipient.email, Recipient.email_display,
-            Recipient.name, Recipient.status, Recipient.reason, Recipient.error,
-            Recipient.attempts, Recipient.batch_no, Recipient.updated_at,
+            Recipient.id,
+            Recipient.line,
+            Recipient.email,
+            Recipient.email_display,
+            Recipient.name,
+            Recipient.status,
+            Recipient.reason,
+            Recipient.error,
+            Recipient.attempts,
+            Recipient.batch_no,
+            Recipient.updated_at,
         )
         .where(Recipient.job_id == job_id)
         .order_by(Recipient.id)
         .limit(PAGE_SIZE + 1)
-    )  # fmt: skip
+    )
     if after is not None:
         query = query.where(Recipient.id > after)
     return query
@@ -579,8 +606,9 @@ def rejects_csv(job_id: int) -> ResponseReturnValue:
 
 def _spooled_csv(write: Callable[[Any], int], filename: str) -> Response:
     # The writers write to a file; a spooled one keeps a long list off the heap.
-    spool = tempfile.SpooledTemporaryFile(max_size=8 << 20, mode="w+", newline="",
-                                          encoding="utf-8")  # fmt: skip
+    spool = tempfile.SpooledTemporaryFile(
+        max_size=8 << 20, mode="w+", newline="", encoding="utf-8"
+    )
     write(spool)
     spool.seek(0)
 
@@ -632,8 +660,11 @@ def new_job() -> ResponseReturnValue:
     if error is not None:
         return render_template("cloudmail/new_job.html", form=form, error=error), 400
 
-    flash(f"Draft job #{job.id} created. Check the preview and the rejected rows, "
-          "then start it.", "success")  # fmt: skip
+    flash(
+        f"Draft job #{job.id} created. Check the preview and the rejected rows, "
+        "then start it.",
+        "success",
+    )
     return redirect(url_for("cloudmail.job", job_id=job.id))
 
 
@@ -791,8 +822,12 @@ def run_in_background(function: Callable[[int], Any], job_id: int) -> threading.
             try:
                 function(job_id)
             except Exception:
-                logger.error("Job %s: background %s failed", job_id,
-                             function.__name__, exc_info=True)  # fmt: skip
+                logger.error(
+                    "Job %s: background %s failed",
+                    job_id,
+                    function.__name__,
+                    exc_info=True,
+                )
 
     thread = threading.Thread(target=run, name=f"cloudmail-job-{job_id}", daemon=True)
     _threads[:] = [t for t in _threads if t.is_alive()]
@@ -900,8 +935,11 @@ def remove_suppression(suppression_id: int) -> ResponseReturnValue:
         return render_template("cloudmail/confirm_suppression.html", row=row)
 
     suppressions.remove_suppression(row.email_key, category=row.category)
-    flash(f"{row.email_key} may be mailed again"
-          f"{' in ' + row.category if row.category else ''}.", "success")  # fmt: skip
+    flash(
+        f"{row.email_key} may be mailed again"
+        f"{' in ' + row.category if row.category else ''}.",
+        "success",
+    )
     return redirect(url_for("cloudmail.suppressions"))
 
 

@@ -21,7 +21,9 @@ from cloudmail.extension import get_state
 from cloudmail.models import Base
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT / "examples" / "data"  # copies of ../shared/data, so a lone clone can test
+SHARED = (
+    ROOT / "examples" / "data"
+)  # copies of ../shared/data, so a lone clone can test
 PG_ADMIN_URL = os.environ.get(
     "CLOUDMAIL_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test"
 )

@@ -25,9 +25,15 @@ from conftest import REDIS_URL, ROOT, SHARED
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-]  # fmt: skip
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 BROWSER_DIR = ROOT / "tests" / "browser"
 AXE = BROWSER_DIR / "node_modules" / "axe-core" / "axe.min.js"
 ARTIFACTS = ROOT / "artifacts" / "screenshots"
@@ -60,8 +66,12 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def axe_source() -> str:
     if not AXE.exists():
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=BROWSER_DIR,
-                       check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund"],
+            cwd=BROWSER_DIR,
+            check=True,
+            capture_output=True,
+        )
     return AXE.read_text(encoding="utf-8")
 
 
@@ -91,11 +101,21 @@ def server(pg_url: str, tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
     web_log = open(logs / "web.log", "wb")  # noqa: SIM115 (closed below)
     worker_log = open(logs / "worker.log", "wb")  # noqa: SIM115
     procs = [
-        subprocess.Popen([*flask, "run", "--host", "127.0.0.1", "--port", str(port)],
-                         cwd=ROOT, env=env, stdout=web_log, stderr=subprocess.STDOUT),
-        subprocess.Popen([*flask, "cloudmail", "worker"], cwd=ROOT, env=env,
-                         stdout=worker_log, stderr=subprocess.STDOUT),
-    ]  # fmt: skip
+        subprocess.Popen(
+            [*flask, "run", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=web_log,
+            stderr=subprocess.STDOUT,
+        ),
+        subprocess.Popen(
+            [*flask, "cloudmail", "worker"],
+            cwd=ROOT,
+            env=env,
+            stdout=worker_log,
+            stderr=subprocess.STDOUT,
+        ),
+    ]
     try:
         _wait_for_port(port)
         yield f"http://127.0.0.1:{port}", {"db": pg_url, "logs": str(logs)}
@@ -172,8 +192,9 @@ def test_admin_runs_a_job_in_the_browser(
 
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport={"width": 1280, "height": 900},
-                                      accept_downloads=True)  # fmt: skip
+        context = browser.new_context(
+            viewport={"width": 1280, "height": 900}, accept_downloads=True
+        )
         page = context.new_page()
         page.set_default_timeout(20_000)
         errors: list[str] = []
@@ -238,9 +259,15 @@ def test_admin_runs_a_job_in_the_browser(
         page.get_by_role("button", name="Pause").click()
         expect(page.locator("[data-cm-status]").first).to_have_text("paused")
         expect(page.get_by_role("button", name="Resume")).to_be_visible()
-        page.wait_for_timeout(2500)  # a batch already with the worker finishes
-        page.reload()
-        held = _counter(page, "sent") + _counter(page, "failed")
+        # A batch already with the worker finishes; then the counters hold still.
+        held, deadline = -1, time.monotonic() + 30
+        while time.monotonic() < deadline:
+            page.reload()
+            now = _counter(page, "sent") + _counter(page, "failed")
+            if now == held:
+                break
+            held = now
+            page.wait_for_timeout(2000)
         page.wait_for_timeout(2000)
         page.reload()
         assert _counter(page, "sent") + _counter(page, "failed") == held

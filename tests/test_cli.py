@@ -13,8 +13,19 @@ from flask import Flask
 
 
 def _send(runner, html_file: Path, recipients: Path, *extra: str):  # noqa: ANN001, ANN202
-    return runner.invoke(args=["cloudmail", "send", "--recipients", str(recipients),
-                               "--subject", "Hello {{ name }}", "--html", str(html_file), *extra])  # fmt: skip
+    return runner.invoke(
+        args=[
+            "cloudmail",
+            "send",
+            "--recipients",
+            str(recipients),
+            "--subject",
+            "Hello {{ name }}",
+            "--html",
+            str(html_file),
+            *extra,
+        ]
+    )
 
 
 def test_send_moodle_sample_summary_adds_up(

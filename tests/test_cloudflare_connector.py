@@ -34,8 +34,13 @@ KEY = b"k" * 32
 OLD_KEY = b"o" * 32
 SECRET = "whsec_" + base64.b64encode(KEY).decode()
 OLD_SECRET = "whsec_" + base64.b64encode(OLD_KEY).decode()
-BATCH = BatchInfo(job_id=7, batch_id=3, number=0, attempt=1,
-                  callback_url="http://127.0.0.1:9/cloudmail/callback/report")  # fmt: skip
+BATCH = BatchInfo(
+    job_id=7,
+    batch_id=3,
+    number=0,
+    attempt=1,
+    callback_url="http://127.0.0.1:9/cloudmail/callback/report",
+)
 
 
 # -- the stand-in Worker -----------------------------------------------------------
@@ -137,11 +142,18 @@ def connector(
 
 
 def message(rid: int, size: int = 200) -> OutgoingMessage:
-    raw = (f"From: news@example.com\r\nTo: r{rid}@example.com\r\n\r\n".encode()
-           + b"x" * size)  # fmt: skip
-    return OutgoingMessage(recipient_id=rid, key=f"cm-7-{rid}-1", to=(f"r{rid}@example.com",),
-                           sender="News <news@example.com>", message_id=f"<{rid}@example.com>",
-                           raw=raw)  # fmt: skip
+    raw = (
+        f"From: news@example.com\r\nTo: r{rid}@example.com\r\n\r\n".encode()
+        + b"x" * size
+    )
+    return OutgoingMessage(
+        recipient_id=rid,
+        key=f"cm-7-{rid}-1",
+        to=(f"r{rid}@example.com",),
+        sender="News <news@example.com>",
+        message_id=f"<{rid}@example.com>",
+        raw=raw,
+    )
 
 
 def signature_ok(headers: dict[str, str], body: bytes, key: bytes) -> bool:
@@ -174,9 +186,13 @@ def test_units_hold_at_most_50_recipients_and_one_request_carries_them(
     assert [u["unit"] for u in body["units"]] == ["7-3-0", "7-3-1", "7-3-2"]
     assert body["units"][0]["callback"] == BATCH.callback_url
     first = body["units"][0]["messages"][0]
-    assert first == {"rid": 1, "key": "cm-7-1-1", "to": ["r1@example.com"],
-                     "from": "News <news@example.com>",
-                     "raw": base64.b64encode(message(1).raw).decode()}  # fmt: skip
+    assert first == {
+        "rid": 1,
+        "key": "cm-7-1-1",
+        "to": ["r1@example.com"],
+        "from": "News <news@example.com>",
+        "raw": base64.b64encode(message(1).raw).decode(),
+    }
 
 
 def test_units_stay_under_the_queue_message_limit(worker: FakeWorker) -> None:
@@ -313,8 +329,14 @@ def test_a_refusal_is_not_retried(worker: FakeWorker) -> None:
 
 
 def test_units_a_503_says_were_enqueued_count_as_accepted(worker: FakeWorker) -> None:
-    busy = (503, {"error": "queue_unavailable", "reason": "The queue refused the units.",
-                  "enqueued_units": 1})  # fmt: skip
+    busy = (
+        503,
+        {
+            "error": "queue_unavailable",
+            "reason": "The queue refused the units.",
+            "enqueued_units": 1,
+        },
+    )
     worker.script = [busy] * 4
 
     handoff = connector(bare_app(worker.url)).dispatch(
@@ -415,8 +437,11 @@ def test_refused_units_go_back_to_pending_and_a_retry_sends_exactly_those(
     app: Flask, db, worker: FakeWorker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(CloudflareConnector, "max_request_bytes", 40_000)
-    job = manager.create_job(({"email": f"r{i}@example.com", "name": f"R {i}"} for i in range(120)),
-                             subject="Hi {{ name }}", html="<p>" + "y" * 200 + "</p>")  # fmt: skip
+    job = manager.create_job(
+        ({"email": f"r{i}@example.com", "name": f"R {i}"} for i in range(120)),
+        subject="Hi {{ name }}",
+        html="<p>" + "y" * 200 + "</p>",
+    )
     unavailable = (503, {"error": "queue_unavailable", "enqueued_units": 0})
     worker.script = [202, unavailable, unavailable]
 
@@ -462,15 +487,23 @@ def test_an_oversized_message_fails_that_recipient_only(
     app: Flask, db, worker: FakeWorker
 ) -> None:
     job = manager.create_job(
-        [{"email": "small@example.com", "size": 10}, {"email": "big@example.com", "size": 200_000},
-         {"email": "other@example.com", "size": 10}],
-        subject="Hi", html="<p>{{ 'z' * (size | int) }}</p>",
-    )  # fmt: skip
+        [
+            {"email": "small@example.com", "size": 10},
+            {"email": "big@example.com", "size": 200_000},
+            {"email": "other@example.com", "size": 10},
+        ],
+        subject="Hi",
+        html="<p>{{ 'z' * (size | int) }}</p>",
+    )
 
     manager.start_job(job.id)
 
-    rows = {row.email: row for row in db.session.execute(
-        sa.select(Recipient).where(Recipient.job_id == job.id)).scalars()}  # fmt: skip
+    rows = {
+        row.email: row
+        for row in db.session.execute(
+            sa.select(Recipient).where(Recipient.job_id == job.id)
+        ).scalars()
+    }
     assert rows["big@example.com"].status == "failed"
     assert rows["big@example.com"].reason == "MessageTooLarge"
     assert "Cloudflare Queue takes at most 127,000" in rows["big@example.com"].error

@@ -100,12 +100,18 @@ def proxy_server(moto_url: str) -> Iterator[ThrottlingProxy]:
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
             if proxy.decide(self.path, body):
-                self.answer(429, {"x-amzn-ErrorType": "TooManyRequestsException:"},
-                            b'{"message":"Maximum sending rate exceeded."}')  # fmt: skip
+                self.answer(
+                    429,
+                    {"x-amzn-ErrorType": "TooManyRequestsException:"},
+                    b'{"message":"Maximum sending rate exceeded."}',
+                )
                 return
             conn = http.client.HTTPConnection(upstream, timeout=30)
-            headers = {k: v for k, v in self.headers.items()
-                       if k.lower() not in ("connection", "keep-alive")}  # fmt: skip
+            headers = {
+                k: v
+                for k, v in self.headers.items()
+                if k.lower() not in ("connection", "keep-alive")
+            }
             conn.request("POST", self.path, body=body, headers=headers)
             response = conn.getresponse()
             data = response.read()
@@ -142,9 +148,13 @@ def proxy(proxy_server: ThrottlingProxy, moto_url: str) -> ThrottlingProxy:
     urllib.request.urlopen(
         urllib.request.Request(f"{moto_url}/moto-api/reset", method="POST")
     ).close()
-    boto3.client("ses", endpoint_url=moto_url, region_name="us-east-1",
-                 aws_access_key_id="testing", aws_secret_access_key="testing",
-                 ).verify_email_identity(EmailAddress=SENDER)  # fmt: skip
+    boto3.client(
+        "ses",
+        endpoint_url=moto_url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    ).verify_email_identity(EmailAddress=SENDER)
     proxy_server.throttle.clear()
     proxy_server.sends.clear()
     proxy_server.throttled.clear()
@@ -167,8 +177,14 @@ def node_modules() -> Path:
     modules = LAMBDA / "node_modules"
     if not (modules / "miniflare").is_dir() or not (modules / "aws4fetch").is_dir():
         command = ["npm", "ci", "--no-audit", "--no-fund"]
-        done = subprocess.run(command, cwd=LAMBDA, check=False, capture_output=True,
-                              text=True, timeout=300)  # fmt: skip
+        done = subprocess.run(
+            command,
+            cwd=LAMBDA,
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         if done.returncode != 0:
             pytest.fail(f"'npm ci' in {LAMBDA} failed:\n{done.stderr[-2000:]}")
     return modules
@@ -204,9 +220,14 @@ def worker(
     for name in ("AWS_SESSION_TOKEN", "CLOUDMAIL_WORKER_PERSIST", "PORT"):
         env.pop(name, None)
     with log.open("w") as stderr:
-        process = subprocess.Popen(["node", "dev/serve.mjs", "--port", "0"], cwd=LAMBDA,
-                                   env=env, stdout=subprocess.PIPE, stderr=stderr,
-                                   text=True)  # fmt: skip
+        process = subprocess.Popen(
+            ["node", "dev/serve.mjs", "--port", "0"],
+            cwd=LAMBDA,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
     ready: list[str] = []
     stdout = process.stdout
     assert stdout is not None
@@ -285,8 +306,10 @@ def wait_for(job_id: int, done: Any, worker: Worker) -> dict[str, Any]:
         if done(summary):
             return summary
         if time.monotonic() > deadline:
-            pytest.fail(f"Job {job_id} did not finish in {DEADLINE_SECONDS} s: "
-                        f"{summary}\nWorker log:\n{worker.logs()}")  # fmt: skip
+            pytest.fail(
+                f"Job {job_id} did not finish in {DEADLINE_SECONDS} s: "
+                f"{summary}\nWorker log:\n{worker.logs()}"
+            )
         time.sleep(0.25)
 
 
@@ -301,15 +324,20 @@ def test_a_job_goes_through_the_worker_and_every_recipient_is_sent_once(
     moto_url: str,
     tmp_path: Path,
 ) -> None:
-    job = manager.create_job(sample_csv(tmp_path), subject="Welcome, {{ firstname }}",
-                             html="<p>Hi {{ name }} ({{ username }})</p>")  # fmt: skip
+    job = manager.create_job(
+        sample_csv(tmp_path),
+        subject="Welcome, {{ firstname }}",
+        html="<p>Hi {{ name }} ({{ username }})</p>",
+    )
     valid = job.pending
     session = db.session
-    emails = dict(session.execute(
-        sa.select(Recipient.id, Recipient.email)
-        .where(Recipient.job_id == job.id, Recipient.status == "pending")
-        .order_by(Recipient.id)
-    ).all())  # fmt: skip
+    emails = dict(
+        session.execute(
+            sa.select(Recipient.id, Recipient.email)
+            .where(Recipient.job_id == job.id, Recipient.status == "pending")
+            .order_by(Recipient.id)
+        ).all()
+    )
     throttled = list(emails.values())[10]  # mid-unit: the rest of its unit waits too
     proxy.throttle.add(throttled)
 
@@ -368,10 +396,23 @@ def _unit(address: str, n: int) -> dict[str, Any]:
     raw = (
         f"From: {SENDER}\r\nTo: {address}\r\nSubject: direct {n}\r\n\r\nhello\r\n"
     ).encode()
-    return {"v": 1, "job": 900, "batch": 1, "unit": f"900-1-{n}", "callback": None,
-            "configuration_set": None,
-            "messages": [{"rid": n, "key": f"cm-900-{n}-1", "to": [address], "from": SENDER,
-                          "raw": base64.b64encode(raw).decode()}]}  # fmt: skip
+    return {
+        "v": 1,
+        "job": 900,
+        "batch": 1,
+        "unit": f"900-1-{n}",
+        "callback": None,
+        "configuration_set": None,
+        "messages": [
+            {
+                "rid": n,
+                "key": f"cm-900-{n}-1",
+                "to": [address],
+                "from": SENDER,
+                "raw": base64.b64encode(raw).decode(),
+            }
+        ],
+    }
 
 
 def _enqueue(

@@ -35,8 +35,11 @@ def _broken(*args: Any, **kwargs: Any) -> None:
 def _stored(source: str = "ses") -> list[tuple[str, int, str | None]]:
     session = get_state().db.session
     session.expire_all()
-    rows = session.execute(sa.select(Event.status, Event.attempts, Event.error)
-                           .where(Event.source == source).order_by(Event.id)).all()  # fmt: skip
+    rows = session.execute(
+        sa.select(Event.status, Event.attempts, Event.error)
+        .where(Event.source == source)
+        .order_by(Event.id)
+    ).all()
     return [tuple(r) for r in rows]
 
 
@@ -58,7 +61,10 @@ def test_failed_apply_keeps_the_event_and_replay_applies_it(
     replayed = runner.invoke(args=["cloudmail", "events", "replay"])
 
     assert "RuntimeError: the database went away" in listed.output
-    assert (replayed.exit_code, replayed.output) == (0, "1 events replayed: 1 applied.\n")
+    assert (replayed.exit_code, replayed.output) == (
+        0,
+        "1 events replayed: 1 applied.\n",
+    )
     assert _stored() == [("applied", 2, None)]
     assert status_of(ids[0]) == "bounced"
     assert counters(job_id) == {"bounced": 1}
@@ -69,8 +75,9 @@ def test_sns_retry_after_a_failure_applies_the_stored_event(
     app: Flask, client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     job_id, ids, emails = sent_job(client, 1)
-    message = notification(ses_payload("Delivery", f"ses-{ids[0]}", emails, job_id=job_id,
-                                       rid=ids[0]))  # fmt: skip
+    message = notification(
+        ses_payload("Delivery", f"ses-{ids[0]}", emails, job_id=job_id, rid=ids[0])
+    )
 
     with monkeypatch.context() as patched:
         patched.setattr(tracking, "move_recipient", _broken)
@@ -96,8 +103,9 @@ def test_notification_for_several_recipients_fails_and_replays_as_a_whole(
         return real(session, recipient_id, *args)
 
     monkeypatch.setattr(tracking, "move_recipient", fail_second)
-    payload = ses_payload("Delivery", "ses-shared", ["r0@example.com", "r1@example.com"],
-                          job_id=job_id)  # fmt: skip
+    payload = ses_payload(
+        "Delivery", "ses-shared", ["r0@example.com", "r1@example.com"], job_id=job_id
+    )
 
     assert post(client, notification(payload)).status_code == 500
     # One transaction: the first recipient's move was rolled back with the second's.
@@ -111,16 +119,22 @@ def test_notification_for_several_recipients_fails_and_replays_as_a_whole(
     assert counters(job_id) == {"delivered": 2}
 
 
-def test_failed_report_is_kept_and_replayed(app: Flask, client, runner,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_failed_report_is_kept_and_replayed(
+    app: Flask, client, runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
     job_id, batch_id, ids = queued_job(2)
 
     with monkeypatch.context() as patched:
         patched.setattr(tracking, "settle_batch", _broken)
-        failed = report(client, job_id, batch_id, {rid: f"ses-{rid}" for rid in ids}, "rep_a")
+        failed = report(
+            client, job_id, batch_id, {rid: f"ses-{rid}" for rid in ids}, "rep_a"
+        )
     duplicate_while_failed = runner.invoke(args=["cloudmail", "events", "list"])
 
-    assert (failed.status_code, failed.get_json()) == (500, {"ok": False, "error": "not applied"})
+    assert (failed.status_code, failed.get_json()) == (
+        500,
+        {"ok": False, "error": "not applied"},
+    )
     assert _stored("report") == [("failed", 1, "RuntimeError: the database went away")]
     assert "report" in duplicate_while_failed.output
     assert counters(job_id) == {"queued": 2}
@@ -130,13 +144,19 @@ def test_failed_report_is_kept_and_replayed(app: Flask, client, runner,
     assert replayed.output == "1 events replayed: 1 applied.\n"
     assert _stored("report") == [("applied", 2, None)]
     assert counters(job_id) == {"sent": 2}
-    again = report(client, job_id, batch_id, {rid: f"ses-{rid}" for rid in ids}, "rep_a")
+    again = report(
+        client, job_id, batch_id, {rid: f"ses-{rid}" for rid in ids}, "rep_a"
+    )
     assert again.get_json() == {"ok": True, "sent": 0, "failed": 0, "ignored": 2}
 
 
-def test_replay_all_retries_pending_events_that_still_wait(app: Flask, client, runner) -> None:
+def test_replay_all_retries_pending_events_that_still_wait(
+    app: Flask, client, runner
+) -> None:
     job_id, batch_id, ids = queued_job(1)
-    payload = ses_payload("Delivery", f"ses-{ids[0]}", ["r0@example.com"], identity=True)
+    payload = ses_payload(
+        "Delivery", f"ses-{ids[0]}", ["r0@example.com"], identity=True
+    )
     post(client, notification(payload))
 
     waiting = runner.invoke(args=["cloudmail", "events", "replay", "--all"])
@@ -155,8 +175,9 @@ def test_replay_all_retries_pending_events_that_still_wait(app: Flask, client, r
 
 def test_stored_payload_is_the_body_as_received(app: Flask, client) -> None:
     job_id, ids, emails = sent_job(client, 1)
-    message = notification(ses_payload("Delivery", f"ses-{ids[0]}", emails, job_id=job_id,
-                                       rid=ids[0]))  # fmt: skip
+    message = notification(
+        ses_payload("Delivery", f"ses-{ids[0]}", emails, job_id=job_id, rid=ids[0])
+    )
     body = json.dumps(message, indent=1)
 
     post(client, body.encode())
@@ -164,15 +185,24 @@ def test_stored_payload_is_the_body_as_received(app: Flask, client) -> None:
     session = get_state().db.session
     row = session.execute(sa.select(Event).where(Event.source == "ses")).scalar_one()
     assert (row.payload, row.event_id, row.message_id, row.kind, row.recipient_id) == (
-        body, message["MessageId"], f"ses-{ids[0]}", "delivery", ids[0])  # fmt: skip
+        body,
+        message["MessageId"],
+        f"ses-{ids[0]}",
+        "delivery",
+        ids[0],
+    )
 
 
 def test_a_report_that_fails_after_the_events_waits_does_not_lose_them(
     app: Flask, client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     job_id, batch_id, ids = queued_job(1)
-    post(client, notification(ses_payload("Complaint", f"ses-{ids[0]}", ["r0@example.com"],
-                                          identity=True)))  # fmt: skip
+    post(
+        client,
+        notification(
+            ses_payload("Complaint", f"ses-{ids[0]}", ["r0@example.com"], identity=True)
+        ),
+    )
 
     with monkeypatch.context() as patched:
         patched.setattr(events, "apply_ses", _broken)
@@ -188,9 +218,22 @@ def test_a_report_that_fails_after_the_events_waits_does_not_lose_them(
 def test_reports_module_still_applies_reports_directly(app: Flask) -> None:
     job_id, batch_id, ids = queued_job(1)
 
-    outcome = reports.apply_report({"v": 1, "id": "outbox-1", "job": job_id, "batch": batch_id,
-                                    "results": [{"rid": ids[0], "key": f"cm-{job_id}-{ids[0]}-1",
-                                                 "status": "sent", "message_id": "m"}]})  # fmt: skip
+    outcome = reports.apply_report(
+        {
+            "v": 1,
+            "id": "outbox-1",
+            "job": job_id,
+            "batch": batch_id,
+            "results": [
+                {
+                    "rid": ids[0],
+                    "key": f"cm-{job_id}-{ids[0]}-1",
+                    "status": "sent",
+                    "message_id": "m",
+                }
+            ],
+        }
+    )
 
     assert outcome.sent == ids
     assert _stored("report") == []

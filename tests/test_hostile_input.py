@@ -51,16 +51,23 @@ def app_config(fetch: FakeSns) -> dict[str, object]:
 
 
 def _job(data: bytes, **options: object):
-    return manager.create_job(io.BytesIO(data), subject="Hi {{ name }}", html="<p>x</p>",
-                              **options)  # fmt: skip
+    return manager.create_job(
+        io.BytesIO(data), subject="Hi {{ name }}", html="<p>x</p>", **options
+    )
 
 
 def _rows(job_id: int) -> list[tuple]:
     session = get_state().db.session
-    return [tuple(r) for r in session.execute(
-        sa.select(Recipient.email, Recipient.name, Recipient.status, Recipient.variables)
-        .where(Recipient.job_id == job_id).order_by(Recipient.id)
-    ).all()]  # fmt: skip
+    return [
+        tuple(r)
+        for r in session.execute(
+            sa.select(
+                Recipient.email, Recipient.name, Recipient.status, Recipient.variables
+            )
+            .where(Recipient.job_id == job_id)
+            .order_by(Recipient.id)
+        ).all()
+    ]
 
 
 # --- CSV files ---
@@ -69,8 +76,10 @@ def _rows(job_id: int) -> list[tuple]:
 def test_nul_bytes_and_a_huge_name_are_stored_not_fatal(app: Flask) -> None:
     # PostgreSQL refused the whole import: NUL cannot be stored, a name > 320 neither.
     long_name = "N" * 400
-    data = (f"email,name,note\na@example.com,{long_name},x\n".encode()
-            + b"b@example.com,Bo\x00b,q\x00q\nc\x00@example.com,Cy,z\n")  # fmt: skip
+    data = (
+        f"email,name,note\na@example.com,{long_name},x\n".encode()
+        + b"b@example.com,Bo\x00b,q\x00q\nc\x00@example.com,Cy,z\n"
+    )
 
     job = _job(data)
 
@@ -96,8 +105,9 @@ def test_utf16_file_is_read_with_encoding_and_named_without(app: Flask) -> None:
     )
     assert (job.total, job.pending) == (2, 2)
     assert [r[:2] for r in _rows(job.id)] == [
-        ("ann@example.com", "Änne"), ("bob@example.com", "Bob"),
-    ]  # fmt: skip
+        ("ann@example.com", "Änne"),
+        ("bob@example.com", "Bob"),
+    ]
 
 
 def test_long_utf16_file_is_read_across_chunks(app: Flask) -> None:
@@ -146,8 +156,11 @@ def test_repeated_headers_keep_every_column(app: Flask) -> None:
 
     ((email, name, status, variables),) = _rows(job.id)
     assert (email, name, status) == ("a@example.com", "Ann", "pending")
-    assert json.loads(variables) == {"name": "Ann", "name_2": "Bob",
-                                     "email_2": "b@example.com"}  # fmt: skip
+    assert json.loads(variables) == {
+        "name": "Ann",
+        "name_2": "Bob",
+        "email_2": "b@example.com",
+    }
 
 
 def test_directory_and_non_dict_rows_are_import_errors(
@@ -156,8 +169,9 @@ def test_directory_and_non_dict_rows_are_import_errors(
     with pytest.raises(RecipientImportError) as directory:
         manager.create_job(str(tmp_path), subject="x", html="x")
     with pytest.raises(RecipientImportError) as not_dict:
-        manager.create_job([{"email": "a@example.com"}, "b@example.com"], subject="x",
-                           html="x")  # fmt: skip
+        manager.create_job(
+            [{"email": "a@example.com"}, "b@example.com"], subject="x", html="x"
+        )
 
     assert str(directory.value) == (
         f"Recipient file {str(tmp_path)!r} cannot be opened: Is a directory."
@@ -197,17 +211,24 @@ def test_every_line_break_in_a_header_is_refused(brk: str) -> None:
     from cloudmail.errors import MessageError
 
     with pytest.raises(MessageError, match="^The Subject header would contain a line"):
-        build_message(sender="n@example.com", to_email="a@example.com", to_name=None,
-                      rendered=Rendered(f"Hi{brk}Bcc: evil@example.com", "x", "x"))  # fmt: skip
+        build_message(
+            sender="n@example.com",
+            to_email="a@example.com",
+            to_name=None,
+            rendered=Rendered(f"Hi{brk}Bcc: evil@example.com", "x", "x"),
+        )
 
 
 def test_line_break_from_a_csv_variable_fails_one_recipient_only(app: Flask) -> None:
     # It used to raise from the email package, outside the per-recipient catch, and
     # leave the whole batch dispatched with every recipient queued for ever.
     job = manager.create_job(
-        io.BytesIO(b"email,topic\na@example.com,News\nb@example.com,X\x0bBcc: e@x.org\n"),
-        subject="About {{ topic }}", html="<p>x</p>",
-    )  # fmt: skip
+        io.BytesIO(
+            b"email,topic\na@example.com,News\nb@example.com,X\x0bBcc: e@x.org\n"
+        ),
+        subject="About {{ topic }}",
+        html="<p>x</p>",
+    )
 
     manager.start_job(job.id)
 
@@ -220,8 +241,9 @@ def test_line_break_from_a_csv_variable_fails_one_recipient_only(app: Flask) -> 
 def test_connector_raising_mid_batch_leaves_a_retryable_batch(
     app: Flask, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    job = manager.create_job(({"email": f"u{i}@example.com"} for i in range(4)),
-                             subject="x", html="x")  # fmt: skip
+    job = manager.create_job(
+        ({"email": f"u{i}@example.com"} for i in range(4)), subject="x", html="x"
+    )
     real = OutboxConnector.dispatch
 
     def crash(self, batch, messages):
@@ -265,18 +287,42 @@ def test_redis_down_at_start_keeps_batches_pending(app: Flask) -> None:
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
-        ("send_rate", "nan", "send_rate is 'nan'; use mails per second, or 0 for no limit."),
-        ("send_rate", "inf", "send_rate is 'inf'; use mails per second, or 0 for no limit."),
-        ("sender", "x" * 330 + "@example.com", "sender is 342 characters long; use at most 320."),
-        ("reply_to", "Re\x0bBcc: <r@example.com>",
-         ("reply_to is 'Re\\x0bBcc: <r@example.com>'; write an address such as "
-          "'News <news@example.com>'.")),
+        (
+            "send_rate",
+            "nan",
+            "send_rate is 'nan'; use mails per second, or 0 for no limit.",
+        ),
+        (
+            "send_rate",
+            "inf",
+            "send_rate is 'inf'; use mails per second, or 0 for no limit.",
+        ),
+        (
+            "sender",
+            "x" * 330 + "@example.com",
+            "sender is 342 characters long; use at most 320.",
+        ),
+        (
+            "reply_to",
+            "Re\x0bBcc: <r@example.com>",
+            (
+                "reply_to is 'Re\\x0bBcc: <r@example.com>'; write an address such as "
+                "'News <news@example.com>'."
+            ),
+        ),
     ],
-)  # fmt: skip
-def test_unusable_settings_are_refused(app: Flask, client, key: str, value: str,
-                                       message: str) -> None:  # fmt: skip
-    form = {"provider": "outbox", "batch_size": "500", "send_rate": "0",
-            "sender": "News <n@example.com>", "reply_to": "", key: value}  # fmt: skip
+)
+def test_unusable_settings_are_refused(
+    app: Flask, client, key: str, value: str, message: str
+) -> None:
+    form = {
+        "provider": "outbox",
+        "batch_size": "500",
+        "send_rate": "0",
+        "sender": "News <n@example.com>",
+        "reply_to": "",
+        key: value,
+    }
 
     answer = client.post("/cloudmail/settings", data=form)
 
@@ -319,13 +365,22 @@ def test_jobs_limit_must_be_positive(app: Flask, runner) -> None:
 def _post_report(client, report: dict | bytes, report_id: str = "rep_h"):
     body = report if isinstance(report, bytes) else json.dumps(report).encode()
     headers = sign_headers(SECRET, body, msg_id=report_id)
-    return client.post("/cloudmail/callback/report", data=body, headers=headers,
-                       content_type="application/json")  # fmt: skip
+    return client.post(
+        "/cloudmail/callback/report",
+        data=body,
+        headers=headers,
+        content_type="application/json",
+    )
 
 
 def _result(job_id: int, rid: object, attempt: object = 1, **fields: object) -> dict:
-    return {"rid": rid, "key": f"cm-{job_id}-{rid}-{attempt}", "status": "sent",
-            "message_id": "m", **fields}  # fmt: skip
+    return {
+        "rid": rid,
+        "key": f"cm-{job_id}-{rid}-{attempt}",
+        "status": "sent",
+        "message_id": "m",
+        **fields,
+    }
 
 
 def test_malformed_reports_are_400_not_500(app: Flask, client) -> None:
@@ -355,10 +410,12 @@ def test_report_for_a_missing_job_or_batch_is_applied_as_nothing(
 ) -> None:
     job_id, batch_id, _ = queued_job(1)
 
-    gone_job = _post_report(client, {"v": 1, "job": 999999, "batch": batch_id,
-                                     "results": []}, "rep_a")  # fmt: skip
-    gone_batch = _post_report(client, {"v": 1, "job": job_id, "batch": 999999,
-                                       "results": []}, "rep_b")  # fmt: skip
+    gone_job = _post_report(
+        client, {"v": 1, "job": 999999, "batch": batch_id, "results": []}, "rep_a"
+    )
+    gone_batch = _post_report(
+        client, {"v": 1, "job": job_id, "batch": 999999, "results": []}, "rep_b"
+    )
 
     assert (gone_job.status_code, gone_batch.status_code) == (200, 200)
     session = get_state().db.session
@@ -376,11 +433,21 @@ def test_stale_and_repeated_results_are_not_announced_as_sent(
 
     signals.recipient_sent.connect(record, app)
     try:
-        answer = _post_report(client, {"v": 1, "job": job_id, "batch": batch_id, "results": [
-            _result(job_id, ids[0], attempt=7),  # an attempt that is not the current one
-            _result(job_id, ids[1]),
-            _result(job_id, ids[1], message_id="again"),
-        ]})  # fmt: skip
+        answer = _post_report(
+            client,
+            {
+                "v": 1,
+                "job": job_id,
+                "batch": batch_id,
+                "results": [
+                    _result(
+                        job_id, ids[0], attempt=7
+                    ),  # an attempt that is not the current one
+                    _result(job_id, ids[1]),
+                    _result(job_id, ids[1], message_id="again"),
+                ],
+            },
+        )
     finally:
         signals.recipient_sent.disconnect(record, app)
 
@@ -396,16 +463,18 @@ def test_oversized_webhook_bodies_are_refused_unread(app: Flask, client) -> None
     big = b"{" + b" " * callbacks.SNS_MAX_BYTES + b"}"
 
     ses = post(client, big)
-    report = client.post("/cloudmail/callback/report",
-                         data=b" " * (callbacks.REPORT_MAX_BYTES + 1))  # fmt: skip
+    report = client.post(
+        "/cloudmail/callback/report", data=b" " * (callbacks.REPORT_MAX_BYTES + 1)
+    )
 
     assert (ses.status_code, ses.get_json()) == (
         413,
         {"ok": False, "error": "too large"},
     )
     assert (report.status_code, report.get_json()) == (
-        413, {"ok": False, "error": "too large"},
-    )  # fmt: skip
+        413,
+        {"ok": False, "error": "too large"},
+    )
 
 
 # --- SES events ---
@@ -414,8 +483,9 @@ def test_oversized_webhook_bodies_are_refused_unread(app: Flask, client) -> None
 def test_ses_event_with_absurd_tags_or_address_is_handled(app: Flask, client) -> None:
     # A 30-digit job tag overflowed BIGINT and a 5000-character address raised a
     # KeyError: both answered 500, so SNS retried them for hours.
-    huge_tags = ses_payload("Delivery", "m-1", ["r0@example.com"], job_id=10**30,
-                            rid=10**30)  # fmt: skip
+    huge_tags = ses_payload(
+        "Delivery", "m-1", ["r0@example.com"], job_id=10**30, rid=10**30
+    )
     long_address = "x" * 5000 + "@example.com"
     bounce = ses_payload("Bounce", "m-2", [long_address])
     long_id = ses_payload("Delivery", "m" * 300, ["r0@example.com"])
@@ -428,5 +498,6 @@ def test_ses_event_with_absurd_tags_or_address_is_handled(app: Flask, client) ->
         sa.select(Event.recipient, Event.job_id, Event.status).order_by(Event.id)
     ).all()
     assert [tuple(r) for r in stored] == [
-        ("r0@example.com", None, "ignored"), (long_address[:320], None, "ignored"),
-    ]  # fmt: skip
+        ("r0@example.com", None, "ignored"),
+        (long_address[:320], None, "ignored"),
+    ]

@@ -58,10 +58,15 @@ def test_upgrade_matches_models_then_downgrade_removes_all(empty_app) -> None:
     upgrade("head")
 
     with engine.connect() as conn:
-        context = MigrationContext.configure(conn, opts={
-            "compare_type": True,
-            "include_object": lambda obj, name, type_, *_: type_ != "table" or name in Base.metadata.tables,
-        })  # fmt: skip
+        context = MigrationContext.configure(
+            conn,
+            opts={
+                "compare_type": True,
+                "include_object": lambda obj, name, type_, *_: (
+                    type_ != "table" or name in Base.metadata.tables
+                ),
+            },
+        )
         assert compare_metadata(context, Base.metadata) == []
         assert (
             conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()

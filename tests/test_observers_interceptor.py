@@ -168,8 +168,13 @@ def test_flask_mail_hook_and_signal(app: Flask, db, outbox: Path) -> None:
     app.config["MAIL_DEFAULT_SENDER"] = "Shop <shop@example.com>"
     mail = Mail(app)
     hook_flask_mail(mail)
-    message = Message("Bestätigung", recipients=["ana@example.com"], bcc=["log@example.com"],
-                      body="Danke", html="<p>Danke</p>")  # fmt: skip
+    message = Message(
+        "Bestätigung",
+        recipients=["ana@example.com"],
+        bcc=["log@example.com"],
+        body="Danke",
+        html="<p>Danke</p>",
+    )
     message.attach("Beleg ä.txt", "text/plain", b"x")
     mail.send(message)
 
@@ -183,11 +188,16 @@ def test_flask_mail_hook_and_signal(app: Flask, db, outbox: Path) -> None:
     )
 
     sent = db.session.execute(
-        sa.select(Recipient.email, Job.category).join(Job).where(Recipient.status == "sent")
+        sa.select(Recipient.email, Job.category)
+        .join(Job)
+        .where(Recipient.status == "sent")
         .order_by(Recipient.email)
-    ).all()  # fmt: skip
-    assert sent == [("ana@example.com", "transactional"), ("bo@example.com", "direct"),
-                    ("log@example.com", "transactional")]  # fmt: skip
+    ).all()
+    assert sent == [
+        ("ana@example.com", "transactional"),
+        ("bo@example.com", "direct"),
+        ("log@example.com", "transactional"),
+    ]
     subjects = sorted(m["Subject"] for m in _mails(outbox).values())
     assert subjects == ["Bestätigung", "Bestätigung", "Direct"]
     hooked = next(m for m in _mails(outbox).values() if m["Subject"] == "Bestätigung")
@@ -262,8 +272,13 @@ def test_a_hand_off_read_twice_is_recorded_once(
 ) -> None:
     from cloudmail.observers.interceptor import HandOff, record
 
-    item = HandOff("h1", "a@example.com", ("x@example.com",), "transactional",
-                   raw=b"From: a@example.com\r\nSubject: x\r\n\r\nx")  # fmt: skip
+    item = HandOff(
+        "h1",
+        "a@example.com",
+        ("x@example.com",),
+        "transactional",
+        raw=b"From: a@example.com\r\nSubject: x\r\n\r\nx",
+    )
 
     assert record(item) is not None
     assert record(item) is None

@@ -31,8 +31,10 @@ def app_config() -> dict[str, object]:
 
 
 def _users(start: int, stop: int) -> list[dict[str, object]]:
-    return [{"id": i, "email": f"seat{i}@example.com", "name": f"Seat Holder {i}"}
-            for i in range(start, stop)]  # fmt: skip
+    return [
+        {"id": i, "email": f"seat{i}@example.com", "name": f"Seat Holder {i}"}
+        for i in range(start, stop)
+    ]
 
 
 def _jobs(db) -> list[tuple[int, int, int]]:

@@ -14,9 +14,15 @@ from cloudmail.observers.reengagement import reengage
 
 NOW = datetime.now(UTC)
 #: The host's users and their last access, as the demo app keeps them.
-USERS = {i: {"id": i, "email": f"u{i}@example.com", "name": f"User {i}",
-             "lastaccess": NOW - timedelta(days=days)}
-         for i, days in enumerate([200, 120, 95, 30, 1, 400])}  # fmt: skip
+USERS = {
+    i: {
+        "id": i,
+        "email": f"u{i}@example.com",
+        "name": f"User {i}",
+        "lastaccess": NOW - timedelta(days=days),
+    }
+    for i, days in enumerate([200, 120, 95, 30, 1, 400])
+}
 
 
 def inactive_users(cutoff: datetime) -> list[dict[str, object]]:
@@ -35,19 +41,30 @@ def app_config() -> dict[str, object]:
 
 
 def _mailed(db, job_id: int) -> list[str]:
-    return db.session.execute(
-        sa.select(Recipient.email).where(Recipient.job_id == job_id, Recipient.status == "sent")
-        .order_by(Recipient.email)
-    ).scalars().all()  # fmt: skip
+    return (
+        db.session.execute(
+            sa.select(Recipient.email)
+            .where(Recipient.job_id == job_id, Recipient.status == "sent")
+            .order_by(Recipient.email)
+        )
+        .scalars()
+        .all()
+    )
 
 
 def test_one_job_for_the_inactive_skipping_seen_suppressed_and_unsubscribed(
     app: Flask, db
 ) -> None:
-    db.session.add_all([
-        Suppression(email_key="u1@example.com", category="", reason="bounce"),
-        Suppression(email_key="u2@example.com", category="reengagement", reason="unsubscribe"),
-    ])  # fmt: skip
+    db.session.add_all(
+        [
+            Suppression(email_key="u1@example.com", category="", reason="bounce"),
+            Suppression(
+                email_key="u2@example.com",
+                category="reengagement",
+                reason="unsubscribe",
+            ),
+        ]
+    )
     db.session.commit()
     # User 5 came back yesterday; the host's lastaccess has not caught up yet.
     signals.user_seen.send(app, user_id=5, at=NOW - timedelta(days=1))
@@ -64,8 +81,12 @@ def test_one_job_for_the_inactive_skipping_seen_suppressed_and_unsubscribed(
 
 def test_cooldown_and_a_second_run(app: Flask, db) -> None:
     first = reengage(now=NOW)
-    assert _mailed(db, first.id) == ["u0@example.com", "u1@example.com", "u2@example.com",
-                                     "u5@example.com"]  # fmt: skip
+    assert _mailed(db, first.id) == [
+        "u0@example.com",
+        "u1@example.com",
+        "u2@example.com",
+        "u5@example.com",
+    ]
 
     # The same day again, and within the cooldown: nobody.
     assert reengage(now=NOW) is None

@@ -62,19 +62,32 @@ def test_welcome_once_under_concurrent_signals(app: Flask, db, outbox: Path) -> 
 
 
 def test_email_change_moves_unsent_mail_and_suppressions(app: Flask, db) -> None:
-    job = manager.create_job([{"email": "old@example.com"}, {"email": "x@example.com"}],
-                             subject="s", html="h", category="news")  # fmt: skip
+    job = manager.create_job(
+        [{"email": "old@example.com"}, {"email": "x@example.com"}],
+        subject="s",
+        html="h",
+        category="news",
+    )
     sent_job = manager.create_job([{"email": "old@example.com"}], subject="s", html="h")
     manager.start_job(sent_job.id)
-    db.session.add_all([
-        Suppression(email_key="old@example.com", category="news", reason="unsubscribe"),
-        Suppression(email_key="old@example.com", category="offers", reason="unsubscribe"),
-        Suppression(email_key="new@example.com", category="offers", reason="unsubscribe"),
-    ])  # fmt: skip
+    db.session.add_all(
+        [
+            Suppression(
+                email_key="old@example.com", category="news", reason="unsubscribe"
+            ),
+            Suppression(
+                email_key="old@example.com", category="offers", reason="unsubscribe"
+            ),
+            Suppression(
+                email_key="new@example.com", category="offers", reason="unsubscribe"
+            ),
+        ]
+    )
     db.session.commit()
 
-    signals.user_email_changed.send(app, user_id=3, old_email="OLD@example.com",
-                                    new_email="New@Example.com")  # fmt: skip
+    signals.user_email_changed.send(
+        app, user_id=3, old_email="OLD@example.com", new_email="New@Example.com"
+    )
 
     db.session.expire_all()
     pending = (
@@ -91,9 +104,9 @@ def test_email_change_moves_unsent_mail_and_suppressions(app: Flask, db) -> None
         sa.select(Recipient.email).where(Recipient.job_id == sent_job.id)
     )
     assert sent.scalars().all() == ["old@example.com"]  # history is not rewritten
-    assert sorted(db.session.execute(
-        sa.select(Suppression.email_key, Suppression.category)
-    ).all()) == [("new@example.com", "news"), ("new@example.com", "offers")]  # fmt: skip
+    assert sorted(
+        db.session.execute(sa.select(Suppression.email_key, Suppression.category)).all()
+    ) == [("new@example.com", "news"), ("new@example.com", "offers")]
 
 
 def test_deleted_user_is_gone_from_every_cloudmail_table(
@@ -106,16 +119,34 @@ def test_deleted_user_is_gone_from_every_cloudmail_table(
     app.config["MAIL_BACKEND"] = "cloudmail.observers.interceptor.EmailBackend"
     Mail(app)
     signals.user_registered.send(app, user_id=5, email=ADDRESS, name="Erin")
-    EmailMessage("Invoice", f"Dear Erin ({ADDRESS})", "shop@example.com",
-                 to=["other@example.com"], cc=[f"Erin <{ADDRESS}>"]).send()  # fmt: skip
-    pending = manager.create_job([{"email": ADDRESS, "name": "Erin", "city": "Oslo"},
-                                  {"email": "stays@example.com"}],
-                                 subject="s", html="h", category="news")  # fmt: skip
+    EmailMessage(
+        "Invoice",
+        f"Dear Erin ({ADDRESS})",
+        "shop@example.com",
+        to=["other@example.com"],
+        cc=[f"Erin <{ADDRESS}>"],
+    ).send()
+    pending = manager.create_job(
+        [
+            {"email": ADDRESS, "name": "Erin", "city": "Oslo"},
+            {"email": "stays@example.com"},
+        ],
+        subject="s",
+        html="h",
+        category="news",
+    )
     db.session.add(
         Suppression(email_key=ADDRESS.lower(), category="news", reason="unsubscribe")
     )
-    db.session.add(Event(source="ses", event_id="e1", recipient=ADDRESS.lower(), kind="Delivery",
-                         payload=f'{{"mail": {{"destination": ["{ADDRESS}"]}}}}'))  # fmt: skip
+    db.session.add(
+        Event(
+            source="ses",
+            event_id="e1",
+            recipient=ADDRESS.lower(),
+            kind="Delivery",
+            payload=f'{{"mail": {{"destination": ["{ADDRESS}"]}}}}',
+        )
+    )
     db.session.commit()
     counts_before = db.session.execute(sa.select(Job.id, Job.total)).all()
 
@@ -125,9 +156,10 @@ def test_deleted_user_is_gone_from_every_cloudmail_table(
     assert _find_address(db, ADDRESS) == []
     assert db.session.execute(sa.select(Job.id, Job.total)).all() == counts_before
     stopped = db.session.execute(
-        sa.select(Recipient.status, Recipient.reason).where(Recipient.job_id == pending.id)
+        sa.select(Recipient.status, Recipient.reason)
+        .where(Recipient.job_id == pending.id)
         .order_by(Recipient.id)
-    ).all()  # fmt: skip
+    ).all()
     assert stopped == [("suppressed", "user_deleted"), ("pending", None)]
     assert manager.job_summary(pending.id)["counters"]["suppressed"] == 1
     # The other recipient's copy of the intercepted message is intact but for the address.

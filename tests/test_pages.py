@@ -56,14 +56,30 @@ def people_csv(rows: list[dict[str, str]]) -> io.BytesIO:
 
 def sample_rows() -> list[dict[str, str]]:
     rows = [
-        {"email": f"person{i}@example.com", "firstname": f"P{i}", "lastname": "Doe",
-         "suspended": "1" if i in (4, 7) else "0"}
+        {
+            "email": f"person{i}@example.com",
+            "firstname": f"P{i}",
+            "lastname": "Doe",
+            "suspended": "1" if i in (4, 7) else "0",
+        }
         for i in range(10)
-    ]  # fmt: skip
-    rows.append({"email": "not-an-address", "firstname": "Bad", "lastname": "Row",
-                 "suspended": "0"})  # fmt: skip
-    rows.append({"email": "person1@example.com", "firstname": "Dup", "lastname": "Row",
-                 "suspended": "0"})  # fmt: skip
+    ]
+    rows.append(
+        {
+            "email": "not-an-address",
+            "firstname": "Bad",
+            "lastname": "Row",
+            "suspended": "0",
+        }
+    )
+    rows.append(
+        {
+            "email": "person1@example.com",
+            "firstname": "Dup",
+            "lastname": "Row",
+            "suspended": "0",
+        }
+    )
     return rows
 
 
@@ -78,8 +94,14 @@ def make_job(app: Flask, rows: list[dict[str, str]] | None = None, **kw: object)
 
 
 def create_via_page(client, rows: list[dict[str, str]] | None = None, **form):  # noqa: ANN001, ANN003, ANN201
-    data = {"subject": "Hi {{ firstname }}", "html": HTML, "text": "", "name": "",
-            "category": "", **form}  # fmt: skip
+    data = {
+        "subject": "Hi {{ firstname }}",
+        "html": HTML,
+        "text": "",
+        "name": "",
+        "category": "",
+        **form,
+    }
     data["recipients"] = (people_csv(rows or sample_rows()), "people.csv")
     return post(client, f"{P}/jobs/new", data, content_type="multipart/form-data")
 
@@ -98,15 +120,31 @@ def fresh(db, job_id: int) -> Job:  # noqa: ANN001
 # -- access and CSRF ---------------------------------------------------------------
 
 GET_ROUTES = [
-    "/jobs", "/jobs/progress.json?id=1", "/jobs/new", "/jobs/1", "/jobs/1/progress.json",
-    "/jobs/1/recipients", "/jobs/1/recipients/1", "/jobs/1/rejects", "/jobs/1/rejects.csv",
-    "/settings", "/suppressions", "/suppressions.csv",
-]  # fmt: skip
+    "/jobs",
+    "/jobs/progress.json?id=1",
+    "/jobs/new",
+    "/jobs/1",
+    "/jobs/1/progress.json",
+    "/jobs/1/recipients",
+    "/jobs/1/recipients/1",
+    "/jobs/1/rejects",
+    "/jobs/1/rejects.csv",
+    "/settings",
+    "/suppressions",
+    "/suppressions.csv",
+]
 POST_ROUTES = [
-    "/jobs/new", "/jobs/1/test", "/jobs/1/start", "/jobs/1/pause", "/jobs/1/resume",
-    "/jobs/1/cancel", "/jobs/1/retry", "/settings", "/suppressions",
+    "/jobs/new",
+    "/jobs/1/test",
+    "/jobs/1/start",
+    "/jobs/1/pause",
+    "/jobs/1/resume",
+    "/jobs/1/cancel",
+    "/jobs/1/retry",
+    "/settings",
+    "/suppressions",
     "/suppressions/1/remove",
-]  # fmt: skip
+]
 
 
 def test_every_page_is_denied_until_the_host_names_admins(app: Flask, client) -> None:
@@ -187,9 +225,12 @@ def test_a_hosts_csrfprotect_is_reused(tmp_path: Path, order: str) -> None:
         from flask_sqlalchemy import SQLAlchemy
 
         app = Flask("host", instance_path=str(tmp_path))
-        app.config.update(SECRET_KEY="s", SQLALCHEMY_DATABASE_URI=url,
-                          CLOUDMAIL_ADMIN_CHECK=lambda: True,
-                          CLOUDMAIL_SENDER="a@example.com")  # fmt: skip
+        app.config.update(
+            SECRET_KEY="s",
+            SQLALCHEMY_DATABASE_URI=url,
+            CLOUDMAIL_ADMIN_CHECK=lambda: True,
+            CLOUDMAIL_SENDER="a@example.com",
+        )
         csrf.init_app(app)
         from cloudmail import CloudMail
 
@@ -204,10 +245,17 @@ def test_a_hosts_csrfprotect_is_reused(tmp_path: Path, order: str) -> None:
     assert client.post(f"{P}/settings").status_code == 400
     callback = client.post(f"{P}/callback/report", data=b"{}")
     assert callback.get_json() == {"ok": False, "error": "forbidden"}
-    ok = client.post(f"{P}/settings", data={
-        "csrf_token": token(client), "provider": "outbox", "batch_size": "10",
-        "send_rate": "0", "sender": "a@example.com", "reply_to": "",
-    })  # fmt: skip
+    ok = client.post(
+        f"{P}/settings",
+        data={
+            "csrf_token": token(client),
+            "provider": "outbox",
+            "batch_size": "10",
+            "send_rate": "0",
+            "sender": "a@example.com",
+            "reply_to": "",
+        },
+    )
     assert ok.status_code == 302
 
 
@@ -217,11 +265,19 @@ def test_a_hosts_csrfprotect_is_reused(tmp_path: Path, order: str) -> None:
 def _insert_jobs(n: int, **values: object) -> list[int]:
     session = get_state().db.session
     jobs = [
-        Job(name=f"Job {i}", provider="outbox", sender="a@example.com",
-            subject_template="s", html_template="h", batch_size=10, total=10,
-            pending=10, **values)
+        Job(
+            name=f"Job {i}",
+            provider="outbox",
+            sender="a@example.com",
+            subject_template="s",
+            html_template="h",
+            batch_size=10,
+            total=10,
+            pending=10,
+            **values,
+        )
         for i in range(n)
-    ]  # fmt: skip
+    ]
     session.add_all(jobs)
     session.commit()
     return [job.id for job in jobs]
@@ -363,9 +419,10 @@ def test_start_sends_in_the_background_and_shows_at_once(
     assert 'data-cm-action="retry">' in page  # shown: the job has failed recipients
     assert "cm-chart-table" in page
     batches = db.session.execute(
-        sa.select(Batch.number, Batch.status).where(Batch.job_id == job.id)
+        sa.select(Batch.number, Batch.status)
+        .where(Batch.job_id == job.id)
         .order_by(Batch.number)
-    ).all()  # fmt: skip
+    ).all()
     assert [tuple(b) for b in batches] == [
         (0, "done"),
         (1, "done"),
@@ -459,8 +516,15 @@ def test_job_progress_json(app: Flask, client) -> None:
 
 
 def test_recipients_search_filter_and_keyset_pages(app: Flask, client, db) -> None:
-    rows = [{"email": f"user{i:03d}@example.com", "firstname": "U", "lastname": str(i),
-             "suspended": "0"} for i in range(120)]  # fmt: skip
+    rows = [
+        {
+            "email": f"user{i:03d}@example.com",
+            "firstname": "U",
+            "lastname": str(i),
+            "suspended": "0",
+        }
+        for i in range(120)
+    ]
     job = make_job(app, rows)
 
     first = client.get(f"{P}/jobs/{job.id}/recipients").get_data(as_text=True)
@@ -487,10 +551,15 @@ def test_recipients_search_filter_and_keyset_pages(app: Flask, client, db) -> No
 def test_recipient_page_shows_the_failure(app: Flask, client, db) -> None:
     job = make_job(app)
     confirm(client, job.id, "start")
-    failed = db.session.execute(
-        sa.select(Recipient).where(Recipient.job_id == job.id, Recipient.status == "failed")
-        .order_by(Recipient.id)
-    ).scalars().first()  # fmt: skip
+    failed = (
+        db.session.execute(
+            sa.select(Recipient)
+            .where(Recipient.job_id == job.id, Recipient.status == "failed")
+            .order_by(Recipient.id)
+        )
+        .scalars()
+        .first()
+    )
     page = client.get(f"{P}/jobs/{job.id}/recipients/{failed.id}").get_data(
         as_text=True
     )
@@ -518,20 +587,40 @@ def test_rejects_page_and_csv(app: Flask, client) -> None:
 
 
 def test_recipient_data_cannot_inject_script(app: Flask, client) -> None:
-    rows = [{"email": "evil@example.com", "firstname": EVIL, "lastname": "\"><img src=x>",
-             "suspended": "0"},
-            {"email": f"{EVIL}@example.com", "firstname": EVIL, "lastname": "x",
-             "suspended": "0"}]  # fmt: skip
+    rows = [
+        {
+            "email": "evil@example.com",
+            "firstname": EVIL,
+            "lastname": '"><img src=x>',
+            "suspended": "0",
+        },
+        {
+            "email": f"{EVIL}@example.com",
+            "firstname": EVIL,
+            "lastname": "x",
+            "suspended": "0",
+        },
+    ]
     job = make_job(app, rows, name=EVIL)
-    recipient_ids = get_state().db.session.execute(
-        sa.select(Recipient.id).where(Recipient.job_id == job.id).order_by(Recipient.id)
-    ).scalars().all()  # fmt: skip
+    recipient_ids = (
+        get_state()
+        .db.session.execute(
+            sa.select(Recipient.id)
+            .where(Recipient.job_id == job.id)
+            .order_by(Recipient.id)
+        )
+        .scalars()
+        .all()
+    )
     pages = [
-        f"{P}/jobs", f"{P}/jobs/{job.id}", f"{P}/jobs/{job.id}/recipients",
-        f"{P}/jobs/{job.id}/rejects", f"{P}/jobs/{job.id}/recipients/{recipient_ids[0]}",
+        f"{P}/jobs",
+        f"{P}/jobs/{job.id}",
+        f"{P}/jobs/{job.id}/recipients",
+        f"{P}/jobs/{job.id}/rejects",
+        f"{P}/jobs/{job.id}/recipients/{recipient_ids[0]}",
         f"{P}/jobs/{job.id}/recipients/{recipient_ids[1]}",
         f"{P}/jobs/{job.id}/recipients?q={EVIL}",
-    ]  # fmt: skip
+    ]
     for url in pages:
         text = client.get(url).get_data(as_text=True)
         assert "<script>alert" not in text, url
@@ -546,8 +635,13 @@ def test_recipient_data_cannot_inject_script(app: Flask, client) -> None:
 
 
 def _settings(**changes: str) -> dict[str, str]:
-    values = {"provider": "outbox", "batch_size": "250", "send_rate": "2.5",
-              "sender": "News <news@example.org>", "reply_to": ""}  # fmt: skip
+    values = {
+        "provider": "outbox",
+        "batch_size": "250",
+        "send_rate": "2.5",
+        "sender": "News <news@example.org>",
+        "reply_to": "",
+    }
     values.update(changes)
     return values
 
@@ -558,8 +652,11 @@ def test_settings_save_validated_values(app: Flask, client, db) -> None:
     page = client.get(f"{P}/settings").get_data(as_text=True)
     assert "Settings saved." in page and 'value="250"' in page
     stored = {s.key: s.value for s in db.session.execute(sa.select(Setting)).scalars()}
-    assert stored == {"batch_size": "250", "send_rate": "2.5",
-                      "sender": '"News <news@example.org>"'}  # fmt: skip
+    assert stored == {
+        "batch_size": "250",
+        "send_rate": "2.5",
+        "sender": '"News <news@example.org>"',
+    }
 
 
 def test_settings_refuse_bad_values_and_save_nothing(app: Flask, client, db) -> None:

@@ -23,15 +23,20 @@ def app_config() -> dict[str, object]:
 def _queued_job(count: int = 3) -> tuple[int, int, list[int]]:
     """A job whose recipients were handed to a (pretend) cloud connector."""
     session = get_state().db.session
-    job = manager.create_job(({"email": f"r{i}@example.com"} for i in range(count)), subject="x",
-                             html="x", provider="aws")  # fmt: skip
+    job = manager.create_job(
+        ({"email": f"r{i}@example.com"} for i in range(count)),
+        subject="x",
+        html="x",
+        provider="aws",
+    )
     tracking.move_job(session, job.id, "queued")
     manager.plan_batches(job.id)
     session.flush()
     batch = session.execute(sa.select(Batch).where(Batch.job_id == job.id)).scalar_one()
     batch.status = "dispatched"
-    ids = tracking.move_recipients(session, job.id, "pending", "queued", values={"attempts": 1},
-                                   returning=True)  # fmt: skip
+    ids = tracking.move_recipients(
+        session, job.id, "pending", "queued", values={"attempts": 1}, returning=True
+    )
     session.commit()
     return job.id, batch.id, sorted(ids)  # type: ignore[arg-type]
 
@@ -39,8 +44,16 @@ def _queued_job(count: int = 3) -> tuple[int, int, list[int]]:
 def _report(
     job_id: int, batch_id: int, results: list[dict], rid: str = "rep_1"
 ) -> bytes:
-    return json.dumps({"v": 1, "id": rid, "source": "lambda", "job": job_id, "batch": batch_id,
-                       "results": results}).encode()  # fmt: skip
+    return json.dumps(
+        {
+            "v": 1,
+            "id": rid,
+            "source": "lambda",
+            "job": job_id,
+            "batch": batch_id,
+            "results": results,
+        }
+    ).encode()
 
 
 def _result(job_id: int, rid: int, status: str = "sent") -> dict:
@@ -63,16 +76,27 @@ def _result(job_id: int, rid: int, status: str = "sent") -> dict:
 def _post(client, body: bytes, secret: str = NEW, **overrides: str):  # noqa: ANN001, ANN202
     headers = sign_headers(secret, body, msg_id="rep_1")
     headers.update(overrides)
-    return client.post("/cloudmail/callback/report", data=body, headers=headers,
-                       content_type="application/json")  # fmt: skip
+    return client.post(
+        "/cloudmail/callback/report",
+        data=body,
+        headers=headers,
+        content_type="application/json",
+    )
 
 
 def test_valid_report_marks_recipients_and_is_idempotent(
     app: Flask, client, db
 ) -> None:
     job_id, batch_id, ids = _queued_job()
-    body = _report(job_id, batch_id, [_result(job_id, ids[0]), _result(job_id, ids[1]),
-                                      _result(job_id, ids[2], "failed")])  # fmt: skip
+    body = _report(
+        job_id,
+        batch_id,
+        [
+            _result(job_id, ids[0]),
+            _result(job_id, ids[1]),
+            _result(job_id, ids[2], "failed"),
+        ],
+    )
 
     first = _post(client, body)
     again = _post(client, body)

@@ -128,10 +128,21 @@ def test_retry_sends_failed_recipients_only(app: Flask, db, outbox: Path) -> Non
         ({"email": f"u{i}@example.com"} for i in range(30)), subject="x", html="x"
     )
     manager.start_job(job.id)
-    ids = db.session.execute(sa.select(Recipient.id).where(Recipient.job_id == job.id)
-                             .order_by(Recipient.id).limit(3)).scalars().all()  # fmt: skip
-    db.session.execute(sa.update(Recipient).where(Recipient.id.in_(ids))
-                       .values(status="failed", reason="Throttling"))  # fmt: skip
+    ids = (
+        db.session.execute(
+            sa.select(Recipient.id)
+            .where(Recipient.job_id == job.id)
+            .order_by(Recipient.id)
+            .limit(3)
+        )
+        .scalars()
+        .all()
+    )
+    db.session.execute(
+        sa.update(Recipient)
+        .where(Recipient.id.in_(ids))
+        .values(status="failed", reason="Throttling")
+    )
     db.session.execute(sa.update(Job).where(Job.id == job.id).values(sent=27, failed=3))
     db.session.commit()
     for path in (outbox / f"job-{job.id}").glob("*.eml"):

@@ -31,52 +31,89 @@ def test_permanent_bounce_and_complaint_are_suppressed_with_reason_and_event(
     job_id, ids, emails = sent_job(client, 3)
     for rid, email, event_type, options in (
         (ids[0], emails[0], "Bounce", {}),
-        (ids[1], emails[1], "Bounce", {"bounce_type": "Transient", "bounce_subtype": "General"}),
+        (
+            ids[1],
+            emails[1],
+            "Bounce",
+            {"bounce_type": "Transient", "bounce_subtype": "General"},
+        ),
         (ids[2], emails[2], "Complaint", {}),
     ):
-        payload = ses_payload(event_type, f"ses-{rid}", [email], job_id=job_id, rid=rid, **options)
+        payload = ses_payload(
+            event_type, f"ses-{rid}", [email], job_id=job_id, rid=rid, **options
+        )
         assert post(client, notification(payload)).status_code == 200
 
     session = get_state().db.session
-    events = dict(session.execute(sa.select(Event.recipient, Event.id)
-                                  .where(Event.source == "ses")).all())  # fmt: skip
+    events = dict(
+        session.execute(
+            sa.select(Event.recipient, Event.id).where(Event.source == "ses")
+        ).all()
+    )
     rows = session.execute(
-        sa.select(Suppression.email_key, Suppression.category, Suppression.reason,
-                  Suppression.detail, Suppression.source).order_by(Suppression.email_key)
-    ).all()  # fmt: skip
+        sa.select(
+            Suppression.email_key,
+            Suppression.category,
+            Suppression.reason,
+            Suppression.detail,
+            Suppression.source,
+        ).order_by(Suppression.email_key)
+    ).all()
     assert [tuple(r) for r in rows] == [
-        (emails[0], "", "bounce", "Permanent General smtp; 550 5.1.1 user unknown",
-         f"event:{events[emails[0]]}"),
+        (
+            emails[0],
+            "",
+            "bounce",
+            "Permanent General smtp; 550 5.1.1 user unknown",
+            f"event:{events[emails[0]]}",
+        ),
         (emails[2], "", "complaint", "abuse", f"event:{events[emails[2]]}"),
-    ]  # fmt: skip
+    ]
 
 
 def test_new_jobs_skip_suppressed_addresses(app: Flask, client) -> None:
     job_id, ids, emails = sent_job(client, 2)
-    payload = ses_payload("Bounce", f"ses-{ids[0]}", emails[:1], job_id=job_id, rid=ids[0])
+    payload = ses_payload(
+        "Bounce", f"ses-{ids[0]}", emails[:1], job_id=job_id, rid=ids[0]
+    )
     post(client, notification(payload))
 
-    job = manager.create_job([{"email": "R0@example.com"}, {"email": "r1@example.com"}],
-                             subject="x", html="x")  # fmt: skip
+    job = manager.create_job(
+        [{"email": "R0@example.com"}, {"email": "r1@example.com"}],
+        subject="x",
+        html="x",
+    )
 
     session = get_state().db.session
-    rows = session.execute(sa.select(Recipient.email_key, Recipient.status, Recipient.reason)
-                           .where(Recipient.job_id == job.id).order_by(Recipient.id)).all()  # fmt: skip
-    assert [tuple(r) for r in rows] == [("r0@example.com", "suppressed", "suppressed"),
-                                        ("r1@example.com", "pending", None)]  # fmt: skip
+    rows = session.execute(
+        sa.select(Recipient.email_key, Recipient.status, Recipient.reason)
+        .where(Recipient.job_id == job.id)
+        .order_by(Recipient.id)
+    ).all()
+    assert [tuple(r) for r in rows] == [
+        ("r0@example.com", "suppressed", "suppressed"),
+        ("r1@example.com", "pending", None),
+    ]
     assert (job.suppressed, job.pending) == (1, 1)
 
 
 def test_add_list_remove(app: Flask) -> None:
-    assert suppressions.add_suppression(" Someone@Example.com ", detail="asked by phone")
+    assert suppressions.add_suppression(
+        " Someone@Example.com ", detail="asked by phone"
+    )
     assert not suppressions.add_suppression("someone@example.com")
-    assert suppressions.add_suppression("someone@example.com", category="newsletter",
-                                        reason="unsubscribe")  # fmt: skip
+    assert suppressions.add_suppression(
+        "someone@example.com", category="newsletter", reason="unsubscribe"
+    )
 
-    listed = [(s.email_key, s.category, s.reason, s.detail, s.source)
-              for s in suppressions.list_suppressions()]  # fmt: skip
-    assert listed == [("someone@example.com", "newsletter", "unsubscribe", None, "admin"),
-                      ("someone@example.com", "", "admin", "asked by phone", "admin")]  # fmt: skip
+    listed = [
+        (s.email_key, s.category, s.reason, s.detail, s.source)
+        for s in suppressions.list_suppressions()
+    ]
+    assert listed == [
+        ("someone@example.com", "newsletter", "unsubscribe", None, "admin"),
+        ("someone@example.com", "", "admin", "asked by phone", "admin"),
+    ]
     assert [s.category for s in suppressions.list_suppressions(category="")] == [""]
 
     assert suppressions.remove_suppression("SOMEONE@example.com") == 1
@@ -103,10 +140,14 @@ def test_unicode_domain_is_keyed_in_punycode(app: Flask) -> None:
 
 
 def test_import_and_export_round_trip(app: Flask) -> None:
-    source = io.StringIO("email\na@example.com\nB@example.com\nnot-an-address\na@example.com\n")
+    source = io.StringIO(
+        "email\na@example.com\nB@example.com\nnot-an-address\na@example.com\n"
+    )
 
     outcome = suppressions.import_suppressions(source)
-    again = suppressions.import_suppressions(io.StringIO("c@example.com\nb@example.com\n"))
+    again = suppressions.import_suppressions(
+        io.StringIO("c@example.com\nb@example.com\n")
+    )
     out = io.StringIO()
     count = suppressions.export_suppressions(out)
 
@@ -132,17 +173,24 @@ def test_import_and_export_round_trip(app: Flask) -> None:
 
 def test_cli_commands(app: Flask, runner, tmp_path: Path) -> None:
     listing = tmp_path / "list.csv"
-    listing.write_text("\ufeffemail;x\nx@example.com\ny@example.com\nbad\n", encoding="utf-8")
+    listing.write_text(
+        "\ufeffemail;x\nx@example.com\ny@example.com\nbad\n", encoding="utf-8"
+    )
 
-    added = runner.invoke(args=["cloudmail", "suppressions", "add", "a@example.com",
-                                "--detail", "asked"])  # fmt: skip
+    added = runner.invoke(
+        args=["cloudmail", "suppressions", "add", "a@example.com", "--detail", "asked"]
+    )
     twice = runner.invoke(args=["cloudmail", "suppressions", "add", "a@example.com"])
     bad = runner.invoke(args=["cloudmail", "suppressions", "add", "nobody"])
     imported = runner.invoke(args=["cloudmail", "suppressions", "import", str(listing)])
     listed = runner.invoke(args=["cloudmail", "suppressions", "list"])
     exported = runner.invoke(args=["cloudmail", "suppressions", "export"])
-    removed = runner.invoke(args=["cloudmail", "suppressions", "remove", "a@example.com"])
-    missing = runner.invoke(args=["cloudmail", "suppressions", "remove", "a@example.com"])
+    removed = runner.invoke(
+        args=["cloudmail", "suppressions", "remove", "a@example.com"]
+    )
+    missing = runner.invoke(
+        args=["cloudmail", "suppressions", "remove", "a@example.com"]
+    )
 
     assert (added.exit_code, added.output) == (0, "a@example.com suppressed.\n")
     assert twice.output == "a@example.com was already suppressed.\n"
@@ -154,9 +202,22 @@ def test_cli_commands(app: Flask, runner, tmp_path: Path) -> None:
     # A header without an 'email' column is one address a line: "email;x" is invalid.
     assert imported.output == "2 added, 0 already listed, 2 invalid.\n"
     assert [line.split()[0] for line in listed.output.splitlines()] == [
-        "y@example.com", "x@example.com", "a@example.com"]  # fmt: skip
-    assert exported.output.splitlines()[0] == "email,category,reason,detail,source,created_at"
-    assert exported.output.splitlines()[1].startswith("a@example.com,,admin,asked,admin,")
-    assert (removed.exit_code, removed.output) == (0, "a@example.com: 1 entries removed.\n")
+        "y@example.com",
+        "x@example.com",
+        "a@example.com",
+    ]
+    assert (
+        exported.output.splitlines()[0]
+        == "email,category,reason,detail,source,created_at"
+    )
+    assert exported.output.splitlines()[1].startswith(
+        "a@example.com,,admin,asked,admin,"
+    )
+    assert (removed.exit_code, removed.output) == (
+        0,
+        "a@example.com: 1 entries removed.\n",
+    )
     assert (missing.exit_code, missing.output) == (
-        1, "Error: a@example.com is not on the suppression list.\n")  # fmt: skip
+        1,
+        "Error: a@example.com is not on the suppression list.\n",
+    )

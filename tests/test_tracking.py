@@ -30,10 +30,26 @@ from test_ses_callback import (  # noqa: F401  (fixtures)
 )
 
 
-def deliver(client, job_id: int, rid: int, email: str, event_type: str = "Delivery", *,  # noqa: ANN001, ANN201
-            identity: bool = False, message_id: str | None = None, **options: Any):  # fmt: skip
-    payload = ses_payload(event_type, message_id or f"ses-{rid}", [email], identity=identity,
-                          job_id=job_id, rid=rid, **options)  # fmt: skip
+def deliver(
+    client,
+    job_id: int,
+    rid: int,
+    email: str,
+    event_type: str = "Delivery",
+    *,  # noqa: ANN001, ANN201
+    identity: bool = False,
+    message_id: str | None = None,
+    **options: Any,
+):
+    payload = ses_payload(
+        event_type,
+        message_id or f"ses-{rid}",
+        [email],
+        identity=identity,
+        job_id=job_id,
+        rid=rid,
+        **options,
+    )
     return post(client, notification(payload))
 
 
@@ -58,7 +74,10 @@ def test_late_delivery_does_not_undo_a_bounce(app: Flask, client) -> None:
 
     assert status_of(ids[0]) == "bounced"
     assert counters(job_id) == {"bounced": 1}
-    assert event_rows() == [("bounce", emails[0], "applied"), ("delivery", emails[0], "applied")]
+    assert event_rows() == [
+        ("bounce", emails[0], "applied"),
+        ("delivery", emails[0], "applied"),
+    ]
 
 
 def test_complaint_after_delivery_is_recorded(app: Flask, client) -> None:
@@ -105,8 +124,9 @@ def test_event_before_its_report_waits_and_is_applied_by_the_report(
     assert event_rows() == [("delivery", "r0@example.com", "pending")]
     assert status_of(ids[0]) == "queued"
 
-    assert report(client, job_id, batch_id, {ids[0]: f"ses-{ids[0]}", ids[1]: f"ses-{ids[1]}"}
-                  ).get_json() == {"ok": True, "sent": 2, "failed": 0, "ignored": 0}  # fmt: skip
+    assert report(
+        client, job_id, batch_id, {ids[0]: f"ses-{ids[0]}", ids[1]: f"ses-{ids[1]}"}
+    ).get_json() == {"ok": True, "sent": 2, "failed": 0, "ignored": 0}
 
     assert event_rows() == [("delivery", "r0@example.com", "applied")]
     assert [status_of(rid) for rid in ids] == ["delivered", "sent"]
@@ -114,7 +134,9 @@ def test_event_before_its_report_waits_and_is_applied_by_the_report(
     assert get_state().db.session.get(Job, job_id).status == "done"
 
 
-def test_permanent_bounce_before_the_report_suppresses_at_once(app: Flask, client) -> None:
+def test_permanent_bounce_before_the_report_suppresses_at_once(
+    app: Flask, client
+) -> None:
     job_id, batch_id, ids = queued_job(1)
 
     deliver(client, job_id, ids[0], "r0@example.com", "Bounce", identity=True)
@@ -128,20 +150,32 @@ def test_permanent_bounce_before_the_report_suppresses_at_once(app: Flask, clien
 STEPS = ("report", "delivery", "bounce", "complaint", "delivery-again")
 
 
-def _play(client, job_id: int, batch_id: int, rid: int, email: str, step: str,  # noqa: ANN001
-          identity: bool) -> None:  # fmt: skip
+def _play(
+    client,
+    job_id: int,
+    batch_id: int,
+    rid: int,
+    email: str,
+    step: str,  # noqa: ANN001
+    identity: bool,
+) -> None:
     if step == "report":
         response = report(client, job_id, batch_id, {rid: f"ses-{rid}"})
     else:
-        event_type = {"delivery": "Delivery", "bounce": "Bounce", "complaint": "Complaint",
-                      "delivery-again": "Delivery"}[step]  # fmt: skip
+        event_type = {
+            "delivery": "Delivery",
+            "bounce": "Bounce",
+            "complaint": "Complaint",
+            "delivery-again": "Delivery",
+        }[step]
         response = deliver(client, job_id, rid, email, event_type, identity=identity)
     assert response.status_code == 200
 
 
 @pytest.mark.parametrize("identity", [False, True], ids=["tagged", "identity"])
-def test_any_order_of_report_and_events_gives_exact_counters(app: Flask, client,
-                                                             identity: bool) -> None:  # fmt: skip
+def test_any_order_of_report_and_events_gives_exact_counters(
+    app: Flask, client, identity: bool
+) -> None:
     # One recipient per order: 120 orders of a report, a Delivery, a permanent Bounce, a
     # Complaint and the Delivery again (as SES may publish it twice).
     orders = list(itertools.permutations(STEPS))
@@ -155,7 +189,11 @@ def test_any_order_of_report_and_events_gives_exact_counters(app: Flask, client,
     assert {status_of(rid) for rid in ids} == {"complained"}
     assert recount_matches(job_id)
     expected = sorted(
-        (f"r{n}@example.com", "", "bounce" if o.index("bounce") < o.index("complaint") else "complaint")
+        (
+            f"r{n}@example.com",
+            "",
+            "bounce" if o.index("bounce") < o.index("complaint") else "complaint",
+        )
         for n, o in enumerate(orders)
     )
     assert suppressed() == expected
@@ -164,12 +202,16 @@ def test_any_order_of_report_and_events_gives_exact_counters(app: Flask, client,
 
 
 def test_any_order_without_complaint_ends_bounced(app: Flask, client) -> None:
-    orders = list(itertools.permutations(("report", "delivery", "bounce", "delivery-again")))
+    orders = list(
+        itertools.permutations(("report", "delivery", "bounce", "delivery-again"))
+    )
     job_id, batch_id, ids = queued_job(len(orders))
 
     for order, rid, n in zip(orders, ids, itertools.count()):
         for step in order:
-            _play(client, job_id, batch_id, rid, f"r{n}@example.com", step, identity=True)
+            _play(
+                client, job_id, batch_id, rid, f"r{n}@example.com", step, identity=True
+            )
 
     assert counters(job_id) == {"bounced": len(orders)}
     assert recount_matches(job_id)
@@ -180,8 +222,9 @@ def test_concurrent_duplicates_count_once(app: Flask, client) -> None:
     messages = []
     for rid, email in zip(ids, emails):
         for event_type in ("Delivery", "Bounce", "Complaint"):
-            message = notification(ses_payload(event_type, f"ses-{rid}", [email], job_id=job_id,
-                                               rid=rid))  # fmt: skip
+            message = notification(
+                ses_payload(event_type, f"ses-{rid}", [email], job_id=job_id, rid=rid)
+            )
             messages += [message, message]  # SNS redelivers
 
     errors: list[BaseException] = []
@@ -199,7 +242,9 @@ def test_concurrent_duplicates_count_once(app: Flask, client) -> None:
         except BaseException as err:  # noqa: BLE001  (reported below)
             errors.append(err)
 
-    threads = [threading.Thread(target=worker, args=(messages[i::4],)) for i in range(4)]
+    threads = [
+        threading.Thread(target=worker, args=(messages[i::4],)) for i in range(4)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -209,22 +254,35 @@ def test_concurrent_duplicates_count_once(app: Flask, client) -> None:
     assert counters(job_id) == {"complained": 20}
     assert recount_matches(job_id)
     session = get_state().db.session
-    assert session.execute(sa.select(sa.func.count()).select_from(Event)
-                           .where(Event.source == "ses")).scalar_one() == 60  # fmt: skip
-    assert session.execute(sa.select(sa.func.count()).select_from(Suppression)).scalar_one() == 20
+    assert (
+        session.execute(
+            sa.select(sa.func.count()).select_from(Event).where(Event.source == "ses")
+        ).scalar_one()
+        == 60
+    )
+    assert (
+        session.execute(
+            sa.select(sa.func.count()).select_from(Suppression)
+        ).scalar_one()
+        == 20
+    )
 
 
 # --- Correlation ---
 
 
-def test_tags_find_a_recipient_whose_report_had_no_message_id(app: Flask, client) -> None:
+def test_tags_find_a_recipient_whose_report_had_no_message_id(
+    app: Flask, client
+) -> None:
     job_id, batch_id, ids = queued_job(1)
     report(client, job_id, batch_id, {ids[0]: None})
 
     deliver(client, job_id, ids[0], "r0@example.com", message_id="ses-from-event")
 
     session = get_state().db.session
-    row = session.execute(sa.select(Recipient.status, Recipient.provider_message_id)).one()
+    row = session.execute(
+        sa.select(Recipient.status, Recipient.provider_message_id)
+    ).one()
     assert tuple(row) == ("delivered", "ses-from-event")
 
 
@@ -236,9 +294,9 @@ def test_event_about_an_earlier_message_is_ignored(app: Flask, client) -> None:
     assert status_of(ids[0]) == "sent"
     assert event_rows() == [("bounce", emails[0], "ignored")]
     session = get_state().db.session
-    assert session.execute(sa.select(Event.error).where(Event.source == "ses")).scalar_one() == (
-        "The event is about an earlier attempt."
-    )
+    assert session.execute(
+        sa.select(Event.error).where(Event.source == "ses")
+    ).scalar_one() == ("The event is about an earlier attempt.")
 
 
 def test_address_is_matched_without_case_or_display_name(app: Flask, client) -> None:
@@ -261,17 +319,27 @@ def test_signals_name_the_recipient_and_the_event(app: Flask, client) -> None:
         def receive(sender: Flask, **kwargs: Any) -> None:
             assert sender is app
             heard.append((name, kwargs))
+
         return receive
 
-    receivers = {name: listener(name) for name in ("delivered", "bounced", "complained")}
+    receivers = {
+        name: listener(name) for name in ("delivered", "bounced", "complained")
+    }
     signals.recipient_delivered.connect(receivers["delivered"], app)
     signals.recipient_bounced.connect(receivers["bounced"], app)
     signals.recipient_complained.connect(receivers["complained"], app)
     try:
         deliver(client, job_id, ids[0], emails[0], "Delivery")
         deliver(client, job_id, ids[0], emails[0], "Delivery")  # no move, no signal
-        deliver(client, job_id, ids[1], emails[1], "Bounce", bounce_type="Transient",
-                bounce_subtype="MailboxFull")  # fmt: skip
+        deliver(
+            client,
+            job_id,
+            ids[1],
+            emails[1],
+            "Bounce",
+            bounce_type="Transient",
+            bounce_subtype="MailboxFull",
+        )
         deliver(client, job_id, ids[2], emails[2], "Complaint")
     finally:
         signals.recipient_delivered.disconnect(receivers["delivered"], app)
@@ -279,16 +347,37 @@ def test_signals_name_the_recipient_and_the_event(app: Flask, client) -> None:
         signals.recipient_complained.disconnect(receivers["complained"], app)
 
     session = get_state().db.session
-    event_ids = list(session.execute(sa.select(Event.id).where(Event.source == "ses")
-                                     .order_by(Event.id)).scalars())  # fmt: skip
+    event_ids = list(
+        session.execute(
+            sa.select(Event.id).where(Event.source == "ses").order_by(Event.id)
+        ).scalars()
+    )
     assert heard == [
-        ("delivered", {"job_id": job_id, "recipient_ids": [ids[0]], "event_id": event_ids[0]}),
-        ("bounced", {"job_id": job_id, "recipient_ids": [ids[1]], "event_id": event_ids[2],
-                     "permanent": False, "bounce_type": "Transient",
-                     "bounce_subtype": "MailboxFull"}),
-        ("complained", {"job_id": job_id, "recipient_ids": [ids[2]], "event_id": event_ids[3],
-                        "feedback_type": "abuse"}),
-    ]  # fmt: skip
+        (
+            "delivered",
+            {"job_id": job_id, "recipient_ids": [ids[0]], "event_id": event_ids[0]},
+        ),
+        (
+            "bounced",
+            {
+                "job_id": job_id,
+                "recipient_ids": [ids[1]],
+                "event_id": event_ids[2],
+                "permanent": False,
+                "bounce_type": "Transient",
+                "bounce_subtype": "MailboxFull",
+            },
+        ),
+        (
+            "complained",
+            {
+                "job_id": job_id,
+                "recipient_ids": [ids[2]],
+                "event_id": event_ids[3],
+                "feedback_type": "abuse",
+            },
+        ),
+    ]
 
 
 def test_new_sns_message_ids_are_distinct_events(app: Flask, client) -> None:
@@ -298,5 +387,8 @@ def test_new_sns_message_ids_are_distinct_events(app: Flask, client) -> None:
     post(client, notification(payload, sns_id=str(uuid.uuid4())))
     post(client, notification(payload, sns_id=str(uuid.uuid4())))
 
-    assert event_rows() == [("open", emails[0], "applied"), ("open", emails[0], "applied")]
+    assert event_rows() == [
+        ("open", emails[0], "applied"),
+        ("open", emails[0], "applied"),
+    ]
     assert counters(job_id) == {"sent": 1}

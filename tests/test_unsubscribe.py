@@ -47,9 +47,10 @@ def _suppressions(db) -> list[tuple[str, str, str]]:
 
 def _allocate(app: Flask, license_id: str) -> None:
     signals.licenses_allocated.send(
-        app, users=[{"id": 7, "email": "Ana@Example.com", "name": "Ana"}],
+        app,
+        users=[{"id": 7, "email": "Ana@Example.com", "name": "Ana"}],
         license={"id": license_id, "product": "Atlas"},
-    )  # fmt: skip
+    )
 
 
 def test_get_confirms_post_suppresses_only_the_category(

@@ -178,8 +178,9 @@ class AwsConnector(Connector):
 
         # 2. A mail too large for any SQS message fails now, alone.
         if oversized:
-            fail_oversized(batch, oversized, keys, source="aws", queue="SQS",
-                           limit=SQS_MAX_BYTES)  # fmt: skip
+            fail_oversized(
+                batch, oversized, keys, source="aws", queue="SQS", limit=SQS_MAX_BYTES
+            )
 
         total = len(outcome.accepted) + len(outcome.refused)
         logger.info(

@@ -123,16 +123,25 @@ class CloudflareConnector(Connector):
 
         # 3. Recipients whose mail never fits a queue message fail on their own.
         if oversized:
-            fail_oversized(batch, oversized, keys, source="cloudflare",
-                           queue="Cloudflare Queue", limit=self.max_unit_bytes)  # fmt: skip
+            fail_oversized(
+                batch,
+                oversized,
+                keys,
+                source="cloudflare",
+                queue="Cloudflare Queue",
+                limit=self.max_unit_bytes,
+            )
 
         host = urllib.parse.urlsplit(url).hostname
         handoff.provider_ref = f"cloudflare {host}: {requests_sent} requests"[:255]
         logger.info(
             "Batch %s of job %s: Worker accepted %d recipients, refused %d, %d too large",
-            batch.batch_id, batch.job_id,
-            len(handoff.accepted), len(handoff.refused), len(oversized),
-        )  # fmt: skip
+            batch.batch_id,
+            batch.job_id,
+            len(handoff.accepted),
+            len(handoff.refused),
+            len(oversized),
+        )
         return handoff
 
     # -- settings ----------------------------------------------------------------
@@ -145,8 +154,10 @@ class CloudflareConnector(Connector):
             raise DispatchError(
                 "The cloudflare provider needs CLOUDMAIL_CLOUDFLARE_WORKER_URL and "
                 "CLOUDMAIL_CLOUDFLARE_ENQUEUE_SECRET; set both, then retry the batch.",
-                job_id=batch.job_id, batch_id=batch.batch_id, connector=self.name,
-            )  # fmt: skip
+                job_id=batch.job_id,
+                batch_id=batch.batch_id,
+                connector=self.name,
+            )
         return str(base).rstrip("/") + "/enqueue", secrets
 
     # -- packing -----------------------------------------------------------------
@@ -210,8 +221,12 @@ class CloudflareConnector(Connector):
             enqueued = max(enqueued, attempt.enqueued_units)
             logger.warning(
                 "Batch %s of job %s: /enqueue try %d of %d failed: %s",
-                batch.batch_id, batch.job_id, number, max_attempts, attempt.error,
-            )  # fmt: skip
+                batch.batch_id,
+                batch.job_id,
+                number,
+                max_attempts,
+                attempt.error,
+            )
             if not attempt.retryable or number == max_attempts:
                 break
             self.sleep(self._backoff(number, attempt.retry_after))
@@ -229,8 +244,11 @@ class CloudflareConnector(Connector):
         logger.error(
             "Batch %s of job %s: the Worker took %d of %d units; the rest go back "
             "to pending",
-            batch.batch_id, batch.job_id, enqueued, len(request.units),
-        )  # fmt: skip
+            batch.batch_id,
+            batch.job_id,
+            enqueued,
+            len(request.units),
+        )
         return attempt.error
 
     def _post(
@@ -295,8 +313,10 @@ def _refusal(err: urllib.error.HTTPError) -> Attempt:
         status=err.code,
         error=f"The Worker answered {err.code} {code}: {reason}".strip(),
         enqueued_units=enqueued if isinstance(enqueued, int) and enqueued > 0 else 0,
-        retry_after=float(retry_after) if retry_after and retry_after.isdigit() else None,
-    )  # fmt: skip
+        retry_after=float(retry_after)
+        if retry_after and retry_after.isdigit()
+        else None,
+    )
 
 
 def check_settings(config: dict[str, Any]) -> None:

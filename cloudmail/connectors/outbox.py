@@ -46,24 +46,28 @@ class OutboxConnector(Connector):
                 )
                 continue
             handoff.accepted.append(message.recipient_id)
-            results.append({
-                "rid": message.recipient_id,
-                "key": message.key,
-                "status": "sent",
-                "message_id": message.message_id,
-                "error_code": None,
-                "error": None,
-            })  # fmt: skip
+            results.append(
+                {
+                    "rid": message.recipient_id,
+                    "key": message.key,
+                    "status": "sent",
+                    "message_id": message.message_id,
+                    "error_code": None,
+                    "error": None,
+                }
+            )
 
         if results:
-            reports.apply_report({
-                "v": 1,
-                "id": f"outbox-{uuid.uuid4().hex}",
-                "source": "outbox",
-                "job": batch.job_id,
-                "batch": batch.batch_id,
-                "results": results,
-            })  # fmt: skip
+            reports.apply_report(
+                {
+                    "v": 1,
+                    "id": f"outbox-{uuid.uuid4().hex}",
+                    "source": "outbox",
+                    "job": batch.job_id,
+                    "batch": batch.batch_id,
+                    "results": results,
+                }
+            )
         logger.info(
             "Batch %s of job %s: outbox wrote %d messages to %s",
             batch.batch_id,

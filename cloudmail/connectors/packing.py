@@ -93,8 +93,11 @@ def pack_units(
     def flush() -> Unit:
         nonlocal number, entries, ids
         start, end = envelope(number)
-        unit = Unit(f"{batch.job_id}-{batch.batch_id}-{number}",
-                    start + ",".join(entries) + end, ids)  # fmt: skip
+        unit = Unit(
+            f"{batch.job_id}-{batch.batch_id}-{number}",
+            start + ",".join(entries) + end,
+            ids,
+        )
         number += 1
         entries, ids = [], []
         return unit
@@ -147,27 +150,33 @@ def fail_oversized(
 
     logger.warning(
         "Batch %s of job %s: %d messages exceed the %s limit of %d bytes; failed",
-        batch.batch_id, batch.job_id, len(oversized), queue, limit,
-    )  # fmt: skip
-    reports.apply_report({
-        "v": 1,
-        "id": f"{source}-{uuid.uuid4().hex}",
-        "source": source,
-        "job": batch.job_id,
-        "batch": batch.batch_id,
-        "results": [
-            {
-                "rid": item.recipient_id,
-                "key": keys[item.recipient_id],
-                "status": "failed",
-                "message_id": None,
-                "error_code": MESSAGE_TOO_LARGE,
-                "error": (
-                    f"The mail is {item.size:,} bytes as one {queue} message; {queue} "
-                    f"takes at most {limit:,}. Make the mail or its attachments "
-                    "smaller and retry."
-                ),
-            }
-            for item in oversized
-        ],
-    })  # fmt: skip
+        batch.batch_id,
+        batch.job_id,
+        len(oversized),
+        queue,
+        limit,
+    )
+    reports.apply_report(
+        {
+            "v": 1,
+            "id": f"{source}-{uuid.uuid4().hex}",
+            "source": source,
+            "job": batch.job_id,
+            "batch": batch.batch_id,
+            "results": [
+                {
+                    "rid": item.recipient_id,
+                    "key": keys[item.recipient_id],
+                    "status": "failed",
+                    "message_id": None,
+                    "error_code": MESSAGE_TOO_LARGE,
+                    "error": (
+                        f"The mail is {item.size:,} bytes as one {queue} message; {queue} "
+                        f"takes at most {limit:,}. Make the mail or its attachments "
+                        "smaller and retry."
+                    ),
+                }
+                for item in oversized
+            ],
+        }
+    )

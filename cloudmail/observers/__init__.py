@@ -57,8 +57,11 @@ def check_settings(config: dict[str, Any]) -> None:
         )
 
     url = config.get("CLOUDMAIL_UNSUBSCRIBE_URL")
-    if url is not None and (not isinstance(url, str) or not url.startswith("https://")
-                            or "{token}" not in url):  # fmt: skip
+    if url is not None and (
+        not isinstance(url, str)
+        or not url.startswith("https://")
+        or "{token}" not in url
+    ):
         raise ConfigurationError(
             f"CLOUDMAIL_UNSUBSCRIBE_URL is {url!r}; it must be an https URL with a "
             "'{token}' placeholder, e.g. 'https://example.com/cloudmail/unsubscribe/{token}'."

@@ -86,8 +86,10 @@ def claim(db_session: Session, kind: str, keys: Iterable[str]) -> set[str]:
     ordered = sorted(set(keys))
     won: set[str] = set()
     for start in range(0, len(ordered), _CHUNK):
-        rows = [{"kind": kind, "key": key, "created_at": now}
-                for key in ordered[start : start + _CHUNK]]  # fmt: skip
+        rows = [
+            {"kind": kind, "key": key, "created_at": now}
+            for key in ordered[start : start + _CHUNK]
+        ]
         statement = insert_ignoring_duplicates(db_session, Claim.__table__)
         won.update(
             db_session.execute(statement.values(rows).returning(Claim.key)).scalars()
@@ -191,12 +193,14 @@ def _job_status(job_id: int) -> str:
 
 def _replace_job(db_session: Session, rolling: RollingJob, job_id: int) -> bool:
     """Point a rolling row at a new job, unless another request already did."""
-    return bool(db_session.execute(
-        sa.update(RollingJob)
-        .where(RollingJob.id == rolling.id, RollingJob.job_id == rolling.job_id)
-        .values(job_id=job_id, next_batch=0)
-        .execution_options(synchronize_session=False)
-    ).rowcount)  # fmt: skip
+    return bool(
+        db_session.execute(
+            sa.update(RollingJob)
+            .where(RollingJob.id == rolling.id, RollingJob.job_id == rolling.job_id)
+            .values(job_id=job_id, next_batch=0)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+    )
 
 
 def _new_job(
@@ -260,8 +264,13 @@ def append(
                 "Listed twice in one message.",
             ]
         elif row[5] in listed:
-            row[1:] = [None, *row[2:8], "suppressed", "suppressed",
-                       "The address is on the suppression list."]  # fmt: skip
+            row[1:] = [
+                None,
+                *row[2:8],
+                "suppressed",
+                "suppressed",
+                "The address is on the suppression list.",
+            ]
         else:
             row[1] = number
         seen.add(row[5])
@@ -293,10 +302,15 @@ def _suppressed(keys: set[str], category: str | None) -> set[str]:
         return set()
 
     scopes = ["", category] if category else [""]
-    return set(session().execute(
-        sa.select(Suppression.email_key)
-        .where(Suppression.email_key.in_(keys), Suppression.category.in_(scopes))
-    ).scalars())  # fmt: skip
+    return set(
+        session()
+        .execute(
+            sa.select(Suppression.email_key).where(
+                Suppression.email_key.in_(keys), Suppression.category.in_(scopes)
+            )
+        )
+        .scalars()
+    )
 
 
 def hand_over(job_id: int) -> None:
@@ -329,13 +343,21 @@ def flush_pending(*, recover: bool = True) -> int:
         from .interceptor import recover_handoffs
 
         recover_handoffs(current_app._get_current_object())  # type: ignore[attr-defined]
-    job_ids = list(session().execute(
-        sa.select(Batch.job_id).distinct()
-        .join(Job, Job.id == Batch.job_id)
-        .where(Batch.status == "pending", Job.kind.in_(OBSERVER_KINDS),
-               Job.status.in_(JOB_ACTIVE))
-        .order_by(Batch.job_id)
-    ).scalars())  # fmt: skip
+    job_ids = list(
+        session()
+        .execute(
+            sa.select(Batch.job_id)
+            .distinct()
+            .join(Job, Job.id == Batch.job_id)
+            .where(
+                Batch.status == "pending",
+                Job.kind.in_(OBSERVER_KINDS),
+                Job.status.in_(JOB_ACTIVE),
+            )
+            .order_by(Batch.job_id)
+        )
+        .scalars()
+    )
     for job_id in job_ids:
         hand_over(job_id)
     return len(job_ids)

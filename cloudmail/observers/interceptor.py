@@ -145,9 +145,14 @@ class EmailBackend(BaseEmailBackend):  # type: ignore[misc,valid-type]
                 # travel through Redis.
                 message = copy.copy(message)
                 message.connection = None
-                item = HandOff(uuid.uuid4().hex, parseaddr(message.from_email)[1],
-                               _addresses(recipients), None, message=message,
-                               at=time.time())  # fmt: skip
+                item = HandOff(
+                    uuid.uuid4().hex,
+                    parseaddr(message.from_email)[1],
+                    _addresses(recipients),
+                    None,
+                    message=message,
+                    at=time.time(),
+                )
                 _queue_or_keep(current_app._get_current_object(), item)  # type: ignore[attr-defined]
             except Exception:
                 if not self.fail_silently:
@@ -203,8 +208,13 @@ def hand_off(
         raw = message
     if not sender:
         sender = _HEADERS.parsebytes(raw).get("From", "")
-    item = HandOff(uuid.uuid4().hex, parseaddr(sender or "")[1], _addresses(recipients),
-                   category, raw=raw)  # fmt: skip
+    item = HandOff(
+        uuid.uuid4().hex,
+        parseaddr(sender or "")[1],
+        _addresses(recipients),
+        category,
+        raw=raw,
+    )
     return _queue_or_keep(current_app._get_current_object(), item)  # type: ignore[attr-defined]
 
 
@@ -298,8 +308,13 @@ def record(item: HandOff) -> int | None:
     ]
     batch_id = append(db_session, rolling, rows)
     db_session.commit()
-    logger.info("Hand-off %s: job %s, batch %s, %d addresses",
-                item.id, rolling.job_id, batch_id, len(rows))  # fmt: skip
+    logger.info(
+        "Hand-off %s: job %s, batch %s, %d addresses",
+        item.id,
+        rolling.job_id,
+        batch_id,
+        len(rows),
+    )
     return rolling.job_id
 
 

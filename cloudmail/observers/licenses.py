@@ -61,9 +61,15 @@ def mail_allocation(
     # create_job commits the claims with the job, or rolls both back.
     subject, html, text = load_template(KIND)
     product = license.get("product") or license.get("name") or license_id
-    job = manager.create_job(rows, subject=subject, html=html, text=text,
-                             name=f"License {product}: {len(rows)} seat{'' if len(rows) == 1 else 's'}",
-                             kind=KIND, category=CATEGORY)  # fmt: skip
+    job = manager.create_job(
+        rows,
+        subject=subject,
+        html=html,
+        text=text,
+        name=f"License {product}: {len(rows)} seat{'' if len(rows) == 1 else 's'}",
+        kind=KIND,
+        category=CATEGORY,
+    )
     start_with_unsubscribe(job)
     return job
 

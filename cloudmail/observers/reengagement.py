@@ -100,9 +100,15 @@ def reengage(now: datetime | None = None) -> Job | None:
 
     # create_job commits the claims with the job, or rolls both back.
     subject, html, text = load_template(KIND)
-    job = manager.create_job(rows, subject=subject, html=html, text=text,
-                             name=f"Re-engagement {now.date().isoformat()}",
-                             kind=KIND, category=CATEGORY)  # fmt: skip
+    job = manager.create_job(
+        rows,
+        subject=subject,
+        html=html,
+        text=text,
+        name=f"Re-engagement {now.date().isoformat()}",
+        kind=KIND,
+        category=CATEGORY,
+    )
     start_with_unsubscribe(job)
     return job
 
@@ -113,12 +119,16 @@ def _not_suppressed(users: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     listed: set[str] = set()
     values = sorted(set(keys.values()))
     for start in range(0, len(values), _CHUNK):
-        listed.update(session().execute(
-            sa.select(Suppression.email_key).where(
-                Suppression.email_key.in_(values[start : start + _CHUNK]),
-                Suppression.category.in_(("", CATEGORY)),
+        listed.update(
+            session()
+            .execute(
+                sa.select(Suppression.email_key).where(
+                    Suppression.email_key.in_(values[start : start + _CHUNK]),
+                    Suppression.category.in_(("", CATEGORY)),
+                )
             )
-        ).scalars())  # fmt: skip
+            .scalars()
+        )
     return [user for user in users if keys[id(user)] not in listed]
 
 
@@ -133,15 +143,27 @@ def _claim(
     for start in range(0, len(ordered), _CHUNK):
         chunk = ordered[start : start + _CHUNK]
         db_session.execute(insert.values([{"user_id": user_id} for user_id in chunk]))
-        claimed.update(db_session.execute(
-            sa.update(UserActivity)
-            .where(UserActivity.user_id.in_(chunk))
-            .where(sa.or_(UserActivity.last_seen_at.is_(None), UserActivity.last_seen_at < cutoff))
-            .where(sa.or_(UserActivity.reengaged_at.is_(None), UserActivity.reengaged_at < cooldown))
-            .values(reengaged_at=now)
-            .returning(UserActivity.user_id)
-            .execution_options(synchronize_session=False)
-        ).scalars())  # fmt: skip
+        claimed.update(
+            db_session.execute(
+                sa.update(UserActivity)
+                .where(UserActivity.user_id.in_(chunk))
+                .where(
+                    sa.or_(
+                        UserActivity.last_seen_at.is_(None),
+                        UserActivity.last_seen_at < cutoff,
+                    )
+                )
+                .where(
+                    sa.or_(
+                        UserActivity.reengaged_at.is_(None),
+                        UserActivity.reengaged_at < cooldown,
+                    )
+                )
+                .values(reengaged_at=now)
+                .returning(UserActivity.user_id)
+                .execution_options(synchronize_session=False)
+            ).scalars()
+        )
     return claimed
 
 

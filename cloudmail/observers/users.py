@@ -148,9 +148,18 @@ def erase_user(user_id: Any, email: str) -> int:
         .where(mine, Recipient.status == "pending")
     ).scalars()
     for job_id in list(jobs):
-        tracking.move_recipients(db_session, job_id, "pending", "suppressed", mine,
-                                 values={"reason": "user_deleted", "batch_no": None,
-                                         "error": "The user was deleted."})  # fmt: skip
+        tracking.move_recipients(
+            db_session,
+            job_id,
+            "pending",
+            "suppressed",
+            mine,
+            values={
+                "reason": "user_deleted",
+                "batch_no": None,
+                "error": "The user was deleted.",
+            },
+        )
 
     # 2. Erase the address from the messages the host composed for them.
     stored_ids = {
@@ -165,10 +174,15 @@ def erase_user(user_id: Any, email: str) -> int:
     erased = db_session.execute(
         sa.update(Recipient)
         .where(mine)
-        .values(email=placeholder, email_display=None, email_key=placeholder, name=None,
-                variables=None)
+        .values(
+            email=placeholder,
+            email_display=None,
+            email_key=placeholder,
+            name=None,
+            variables=None,
+        )
         .execution_options(synchronize_session=False)
-    ).rowcount  # fmt: skip
+    ).rowcount
     db_session.execute(sa.delete(Suppression).where(Suppression.email_key == key))
     db_session.execute(
         sa.delete(UserActivity).where(UserActivity.user_id == str(user_id))
@@ -208,8 +222,12 @@ def _scrub_stored(ids: set[int], email: str, key: str, placeholder: str) -> None
             ).decode()
 
 
-_HANDLED = {"cloudmail_recipients", "cloudmail_suppressions", "cloudmail_stored_messages",
-            "cloudmail_user_activity"}  # fmt: skip
+_HANDLED = {
+    "cloudmail_recipients",
+    "cloudmail_suppressions",
+    "cloudmail_stored_messages",
+    "cloudmail_user_activity",
+}
 
 
 def _scrub_other_tables(addresses: set[str], placeholder: str) -> None:
@@ -229,11 +247,16 @@ def _scrub_other_tables(addresses: set[str], placeholder: str) -> None:
         for column in table.columns:
             if not isinstance(column.type, sa.String) or column.primary_key:
                 continue
-            condition = sa.or_(*(sa.func.lower(column).contains(a.strip().lower(), autoescape=True)
-                                 for a in addresses))  # fmt: skip
+            condition = sa.or_(
+                *(
+                    sa.func.lower(column).contains(a.strip().lower(), autoescape=True)
+                    for a in addresses
+                )
+            )
             rows = db_session.execute(sa.select(keys[0], column).where(condition)).all()
             for pk, value in rows:
                 db_session.execute(
-                    sa.update(table).where(keys[0] == pk)
+                    sa.update(table)
+                    .where(keys[0] == pk)
                     .values({column.name: pattern.sub(placeholder, value)})
-                )  # fmt: skip
+                )

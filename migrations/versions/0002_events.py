@@ -14,40 +14,49 @@ import sqlalchemy as sa
 from alembic import op
 
 
-revision = '0002'
-down_revision = '0001'
+revision = "0002"
+down_revision = "0001"
 branch_labels = None
 depends_on = None
 
 
 def upgrade() -> None:
-    op.create_table('cloudmail_events',
-    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
-    sa.Column('source', sa.String(length=16), nullable=False),
-    sa.Column('event_id', sa.String(length=128), nullable=False),
-    sa.Column('recipient', sa.String(length=320), nullable=False),
-    sa.Column('kind', sa.String(length=24), nullable=False),
-    sa.Column('message_id', sa.String(length=255), nullable=True),
-    sa.Column('job_id', sa.BigInteger(), nullable=True),
-    sa.Column('recipient_id', sa.BigInteger(), nullable=True),
-    sa.Column('status', sa.String(length=16), nullable=False),
-    sa.Column('error', sa.Text(), nullable=True),
-    sa.Column('attempts', sa.Integer(), nullable=False),
-    sa.Column('payload', sa.Text(), nullable=False),
-    sa.Column('occurred_at', sa.DateTime(timezone=True), nullable=True),
-    sa.Column('received_at', sa.DateTime(timezone=True), nullable=False),
-    sa.Column('applied_at', sa.DateTime(timezone=True), nullable=True),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_cloudmail_events')),
-    sa.UniqueConstraint('source', 'event_id', 'recipient', name='uq_cloudmail_events_source_event')
+    op.create_table(
+        "cloudmail_events",
+        sa.Column(
+            "id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False
+        ),
+        sa.Column("source", sa.String(length=16), nullable=False),
+        sa.Column("event_id", sa.String(length=128), nullable=False),
+        sa.Column("recipient", sa.String(length=320), nullable=False),
+        sa.Column("kind", sa.String(length=24), nullable=False),
+        sa.Column("message_id", sa.String(length=255), nullable=True),
+        sa.Column("job_id", sa.BigInteger(), nullable=True),
+        sa.Column("recipient_id", sa.BigInteger(), nullable=True),
+        sa.Column("status", sa.String(length=16), nullable=False),
+        sa.Column("error", sa.Text(), nullable=True),
+        sa.Column("attempts", sa.Integer(), nullable=False),
+        sa.Column("payload", sa.Text(), nullable=False),
+        sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("applied_at", sa.DateTime(timezone=True), nullable=True),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_cloudmail_events")),
+        sa.UniqueConstraint(
+            "source", "event_id", "recipient", name="uq_cloudmail_events_source_event"
+        ),
     )
-    with op.batch_alter_table('cloudmail_events', schema=None) as batch_op:
-        batch_op.create_index('ix_cloudmail_events_message_id', ['message_id', 'status'], unique=False)
-        batch_op.create_index('ix_cloudmail_events_status', ['status', 'id'], unique=False)
+    with op.batch_alter_table("cloudmail_events", schema=None) as batch_op:
+        batch_op.create_index(
+            "ix_cloudmail_events_message_id", ["message_id", "status"], unique=False
+        )
+        batch_op.create_index(
+            "ix_cloudmail_events_status", ["status", "id"], unique=False
+        )
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('cloudmail_events', schema=None) as batch_op:
-        batch_op.drop_index('ix_cloudmail_events_status')
-        batch_op.drop_index('ix_cloudmail_events_message_id')
+    with op.batch_alter_table("cloudmail_events", schema=None) as batch_op:
+        batch_op.drop_index("ix_cloudmail_events_status")
+        batch_op.drop_index("ix_cloudmail_events_message_id")
 
-    op.drop_table('cloudmail_events')
+    op.drop_table("cloudmail_events")
