@@ -23,7 +23,6 @@ import csv
 import io
 import json
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from typing import Any
 
 import boto3
 import psycopg
+from common import make_csv, peak_rss_mb
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -52,29 +52,6 @@ MIB = 1_048_576
 
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
-
-
-def make_csv(rows: int) -> Path:
-    path = HERE / "data" / f"recipients_{rows}.csv"
-    if not path.exists():
-        path.parent.mkdir(exist_ok=True)
-        with open(path, "wb") as out:
-            subprocess.run(
-                [
-                    sys.executable,
-                    str(ROOT.parent / "shared/tools/make_recipients.py"),
-                    "--rows",
-                    str(rows),
-                    "--clean",
-                ],
-                stdout=out,
-                check=True,
-            )
-    return path
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def free_port() -> int:

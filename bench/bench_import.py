@@ -15,41 +15,17 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import resource
-import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 
 import psycopg
+from common import make_csv, peak_rss_mb
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
-
-
-def make_csv(rows: int) -> Path:
-    path = HERE / "data" / f"recipients_{rows}.csv"
-    if not path.exists():
-        path.parent.mkdir(exist_ok=True)
-        with open(path, "wb") as out:
-            subprocess.run(
-                [
-                    sys.executable,
-                    str(ROOT.parent / "shared/tools/make_recipients.py"),
-                    "--rows",
-                    str(rows),
-                    "--clean",
-                ],
-                stdout=out,
-                check=True,
-            )
-    return path
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def floor(csv_path: str, database: str, queue: multiprocessing.Queue) -> None:
