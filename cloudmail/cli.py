@@ -275,6 +275,26 @@ def retry_command(job_id: int) -> None:
     click.echo(f"Job {job_id}: {n} failed recipients sent again.")
 
 
+@cloudmail_cli.command("recover")
+@click.option(
+    "--older-than",
+    "minutes",
+    type=click.IntRange(min=10),
+    default=30,
+    show_default=True,
+    help="Minutes a batch must have been dispatched.",
+)
+@_friendly
+def recover_command(minutes: int) -> None:
+    """Hand over again batches stuck in 'dispatched' (same keys: no double sends)."""
+    from datetime import timedelta
+
+    from .dispatch import recover_stale
+
+    recovered = recover_stale(timedelta(minutes=minutes))
+    click.echo(f"{len(recovered)} stuck batches handed over again.")
+
+
 @cloudmail_cli.command("worker")
 @click.option("--burst", is_flag=True, help="Stop when the queue is empty.")
 @click.option(

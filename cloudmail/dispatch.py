@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from datetime import timedelta
 from email import errors as email_errors
 from email.utils import make_msgid, parseaddr
 
@@ -41,7 +42,7 @@ TASK = "cloudmail.tasks.send_batch"
 def enqueue_batches(
     job_id: int, *, progress: Callable[[int], None] | None = None
 ) -> int:
-    """Hand every pending batch of a job to RQ, or send them here without Redis.
+    """Hand every pending or enqueued batch of a job to RQ, or send them here.
 
     Returns how many batches were handed over. When Redis refuses them, they go back to
     pending (nothing is lost) and :class:`DispatchError` says how to try again.
@@ -56,8 +57,18 @@ def enqueue_batches(
     tracking.move_batches(
         session, "failed", "pending", Batch.job_id == job_id, Batch.number.in_(waiting)
     )
-    ids = tracking.move_batches(session, "pending", "enqueued", Batch.job_id == job_id)
+    tracking.move_batches(session, "pending", "enqueued", Batch.job_id == job_id)
     session.commit()
+    # Batches already "enqueued" go again too: their RQ job may be lost (a Redis
+    # restart, a crash before an in-process run). A duplicate RQ job is harmless: only
+    # one claim of a batch succeeds.
+    ids = list(
+        session.execute(
+            sa.select(Batch.id).where(
+                Batch.job_id == job_id, Batch.status == "enqueued"
+            )
+        ).scalars()
+    )
     if not ids:
         return 0
 
@@ -192,6 +203,113 @@ def run_batch(batch_id: int) -> str:
 
     # 4. Record what happened and settle.
     return _record(batch, job, handoff, broken)
+
+
+#: Recovery never touches a batch dispatched more recently than this: its worker may
+#: still be sending, and SQS FIFO queues deduplicate a re-sent unit id for 5 minutes.
+RECOVER_MINIMUM = timedelta(minutes=10)
+
+
+def recover_stale(older_than: timedelta = timedelta(minutes=30)) -> list[int]:
+    """Hand over again what batches stuck in ``dispatched`` still hold; return their ids.
+
+    A worker killed in the middle of a batch, or reports that never arrived, leave a
+    batch ``dispatched`` with recipients ``queued``. Their mail is rendered again and
+    handed to the connector under the *same* idempotency keys, so a consumer that
+    already sent a key re-reports it instead of sending it again, and sends only what
+    never reached it. Recipients the connector refuses stay ``queued`` for the next
+    recovery: moving them back to pending would give them new keys.
+    """
+    if older_than < RECOVER_MINIMUM:
+        raise ValueError(
+            f"older_than is {older_than}; recover only batches dispatched at least "
+            f"{RECOVER_MINIMUM} ago, or a worker still sending could be doubled."
+        )
+
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    session = get_state().db.session
+    cutoff = utcnow() - older_than
+    active = sa.select(Job.id).where(Job.status.in_(JOB_ACTIVE)).scalar_subquery()
+    stale = sa.and_(
+        Batch.status == "dispatched",
+        Batch.dispatched_at < cutoff,
+        Batch.job_id.in_(active),
+    )
+    recovered = []
+    for batch_id in list(session.execute(sa.select(Batch.id).where(stale)).scalars()):
+        # Claim it by moving its clock, so two recoveries never take the same batch.
+        claimed = session.execute(
+            sa.update(Batch)
+            .where(Batch.id == batch_id, stale)
+            .values(dispatched_at=utcnow())
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        session.commit()
+        if claimed:
+            _recover_batch(app, batch_id)
+            recovered.append(batch_id)
+    return recovered
+
+
+def _recover_batch(app: object, batch_id: int) -> None:
+    session = get_state().db.session
+    batch = session.execute(sa.select(Batch).where(Batch.id == batch_id)).scalar_one()
+    job = session.execute(sa.select(Job).where(Job.id == batch.job_id)).scalar_one()
+    ids = list(
+        session.execute(
+            sa.select(Recipient.id)
+            .where(
+                Recipient.job_id == job.id,
+                Recipient.batch_no == batch.number,
+                Recipient.status == "queued",
+            )
+            .order_by(Recipient.id)
+        ).scalars()
+    )
+    logger.warning(
+        "Batch %s of job %s: stuck dispatched; handing %d queued recipients over again",
+        batch.id,
+        job.id,
+        len(ids),
+    )
+    info = BatchInfo(
+        job_id=job.id,
+        batch_id=batch.id,
+        number=batch.number,
+        attempt=batch.attempts,
+        callback_url=_callback_url(app),
+    )
+    broken: dict[int, str] = {}
+    handoff = _hand_over(app, job, info, ids, all_settings(), broken)
+    for rid, error in broken.items():
+        tracking.move_recipient_ids(
+            session,
+            job.id,
+            [rid],
+            "queued",
+            "failed",
+            values={"reason": "render_error", "error": error[:2000]},
+        )
+    if handoff.refused:
+        first = handoff.refused[min(handoff.refused)]
+        session.execute(
+            sa.update(Batch)
+            .where(Batch.id == batch.id)
+            .values(last_error=f"Recovery: {first}"[:2000])
+        )
+        logger.warning(
+            "Batch %s of job %s: %d recipients refused again; they stay queued",
+            batch.id,
+            job.id,
+            len(handoff.refused),
+        )
+    tracking.settle_batch(session, batch.id)
+    finished = tracking.settle_job(session, job.id)
+    session.commit()
+    if finished:
+        from . import signals
+
+        signals.job_finished.send(app, job_id=job.id, status=finished)
 
 
 def _hand_over(

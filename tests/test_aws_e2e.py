@@ -20,6 +20,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from email import policy
 from email.parser import BytesParser
 from pathlib import Path
@@ -35,7 +36,7 @@ from flask import Flask
 from rq import SimpleWorker
 from werkzeug.serving import make_server
 
-from cloudmail import manager, tasks
+from cloudmail import dispatch, manager, tasks
 from cloudmail.devcloud import (
     DevResources,
     SqsPoller,
@@ -44,7 +45,7 @@ from cloudmail.devcloud import (
     start_moto,
 )
 from cloudmail.extension import get_state
-from cloudmail.models import Recipient
+from cloudmail.models import Batch, Recipient, utcnow
 
 REGION = "us-east-1"
 SENDER = "news@example.com"
@@ -471,3 +472,42 @@ def test_unreachable_callback_sends_once_and_redelivery_recovers_the_report(
             "sent",
             mails[row.email][0]["id"],
         )
+
+
+def test_unreachable_callback_then_recovery_re_reports_without_resending(
+    app: Flask,
+    db,
+    cloud: DevResources,
+    serve: Callable[[], None],
+    poller: SqsPoller,
+    bodies: list[str],
+) -> None:
+    people = [
+        {
+            "email": f"r{i}@example.com",
+            "name": f"R {i}",
+            "firstname": "R",
+            "username": f"r{i}",
+        }
+        for i in range(60)
+    ]
+    job = manager.create_job(people, subject=SUBJECT, html=HTML)
+    manager.start_job(job.id)
+    run_worker(app)
+    wait_for(lambda: len(bodies) >= 2 and queue_is_drained(cloud, poller), "the units")
+    assert {row.status for row in recipients(db, job.id)} == {"queued"}
+
+    # No redelivery this time: an admin recovers the stuck batch once the callback is
+    # back. The same keys go to SQS again; the Lambda re-reports, SES sends nothing.
+    serve()
+    db.session.execute(
+        sa.update(Batch)
+        .where(Batch.job_id == job.id)
+        .values(dispatched_at=utcnow() - timedelta(hours=1))
+    )
+    db.session.commit()
+    assert len(dispatch.recover_stale()) == 1
+    wait_for(lambda: job_status(db, job.id) == "done", "the job to finish")
+
+    assert len(sent_mails(cloud.endpoint_url)) == 60
+    assert {row.status for row in recipients(db, job.id)} == {"sent"}
