@@ -88,10 +88,22 @@ export async function sendEmail({
       signal: AbortSignal.timeout(TIMEOUT_MS),
     });
   } catch (err) {
+    // No answer in time: the request reached SES and it may have sent the
+    // mail, so this key is never sent again (the Lambda treats a read timeout
+    // the same way). cloudmail reports it failed; an admin decides.
+    if (err?.name === "TimeoutError" || err?.name === "AbortError") {
+      return {
+        kind: "failed",
+        code: "AmbiguousSend",
+        error:
+          `SES did not answer within ${TIMEOUT_MS / 1000} s; the mail may ` +
+          "have been sent, so it is not sent again.",
+      };
+    }
     // Known limitation: a connection that breaks after SES accepted the
     // request but before its answer arrived looks like one that never got
-    // there; the retry then sends that recipient a second time. The AWS SDKs
-    // make the same choice for network errors.
+    // there (workerd names both "Network connection lost"); the retry then
+    // sends that recipient a second time.
     return {
       kind: "retry",
       code: "NetworkError",

@@ -174,6 +174,15 @@ test("5xx and network errors are transient", async () => {
   });
 });
 
+test("no answer in time is ambiguous: failed, never resent", async () => {
+  const outcome = await send(async () => {
+    throw new DOMException("The operation was aborted due to timeout", "TimeoutError");
+  });
+  assert.equal(outcome.kind, "failed");
+  assert.equal(outcome.code, "AmbiguousSend");
+  assert.match(outcome.error, /may have been sent, so it is not sent again/);
+});
+
 test("a 2xx without a MessageId still counts as sent", async () => {
   const { impl } = fakeFetch(200, "not json");
   assert.deepEqual(await send(impl), { kind: "sent", messageId: null });
