@@ -51,9 +51,6 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.postgres,
     pytest.mark.redis,
-    pytest.mark.skipif(
-        not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is not installed"
-    ),
 ]
 
 
@@ -191,6 +188,10 @@ def test_admin_runs_a_job_in_the_browser(
         )
 
     with sync_playwright() as pw:
+        assert Path(CHROMIUM).exists(), (
+            f"{CHROMIUM} is missing: install Debian's chromium package "
+            "(apt-get install chromium), as .ci/run does."
+        )
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         context = browser.new_context(
             viewport={"width": 1280, "height": 900}, accept_downloads=True
