@@ -6,10 +6,10 @@ import time
 import pytest
 import sqlalchemy as sa
 from flask import Flask
+from test_ses_callback import queued_job
 
-from cloudmail import manager, tracking
-from cloudmail.extension import get_state
-from cloudmail.models import Batch, Recipient
+from cloudmail import manager
+from cloudmail.models import Recipient
 from cloudmail.webhooks.signing import generate_secret, sign_headers
 
 OLD, NEW = generate_secret(), generate_secret()
@@ -18,27 +18,6 @@ OLD, NEW = generate_secret(), generate_secret()
 @pytest.fixture
 def app_config() -> dict[str, object]:
     return {"CLOUDMAIL_REPORT_SECRETS": [NEW, OLD]}
-
-
-def _queued_job(count: int = 3) -> tuple[int, int, list[int]]:
-    """A job whose recipients were handed to a (pretend) cloud connector."""
-    session = get_state().db.session
-    job = manager.create_job(
-        ({"email": f"r{i}@example.com"} for i in range(count)),
-        subject="x",
-        html="x",
-        provider="aws",
-    )
-    tracking.move_job(session, job.id, "queued")
-    manager.plan_batches(job.id)
-    session.flush()
-    batch = session.execute(sa.select(Batch).where(Batch.job_id == job.id)).scalar_one()
-    batch.status = "dispatched"
-    ids = tracking.move_recipients(
-        session, job.id, "pending", "queued", values={"attempts": 1}, returning=True
-    )
-    session.commit()
-    return job.id, batch.id, sorted(ids)  # type: ignore[arg-type]
 
 
 def _report(
@@ -87,7 +66,7 @@ def _post(client, body: bytes, secret: str = NEW, **overrides: str):  # noqa: AN
 def test_valid_report_marks_recipients_and_is_idempotent(
     app: Flask, client, db
 ) -> None:
-    job_id, batch_id, ids = _queued_job()
+    job_id, batch_id, ids = queued_job()
     body = _report(
         job_id,
         batch_id,
@@ -120,7 +99,7 @@ def test_valid_report_marks_recipients_and_is_idempotent(
 
 
 def test_rotated_secret_is_accepted(app: Flask, client) -> None:
-    job_id, batch_id, ids = _queued_job(1)
+    job_id, batch_id, ids = queued_job(1)
 
     assert (
         _post(
@@ -137,7 +116,7 @@ def test_rotated_secret_is_accepted(app: Flask, client) -> None:
 def test_unverified_reports_are_refused_with_403(
     app: Flask, client, change: str
 ) -> None:
-    job_id, batch_id, ids = _queued_job(1)
+    job_id, batch_id, ids = queued_job(1)
     body = _report(job_id, batch_id, [_result(job_id, ids[0])])
     if change == "wrong-secret":
         response = _post(client, body, secret=generate_secret())
